@@ -1,0 +1,204 @@
+"""The one config schema of eslora: OmegaConf structured configs over dataclasses.
+
+A YAML file overrides a few keys, `key=value` arguments override the file. Unknown keys and
+wrong types fail at start-up with a message naming the key (OmegaConf's struct mode does that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"  # run folder name under `dir`
+    dir: str = "runs"  # parent folder of all runs
+    generations: int = 10  # ES generations (one ask/evaluate/tell each)
+    checkpoint_every: int = 5  # 0 = only at the end
+    eval_every: int = 0  # greedy held-out accuracy every N generations (0 = never)
+
+
+@dataclass
+class ModelConfig:
+    # A registry name (`eslora models list`), a local HF folder, or a tiny config for tests.
+    name_or_path: str = "smollm2-135m"
+    dtype: str = "float32"  # compute dtype of the backend; ES master weights are always fp32
+
+
+@dataclass
+class LoraConfig:
+    r: int = 1  # the seed notes' rank; ES scales poorly with dimension, so keep it small
+    alpha: float = 2.0
+    # Simple module names only: SGLang refuses explicit per-layer paths (see docs/sglang.md).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    layers: Optional[list[int]] = field(default_factory=lambda: list(range(10)))  # None = every layer
+
+
+@dataclass
+class ESConfig:
+    population: int = 8  # members per generation (even when antithetic)
+    sigma: float = 1e-3  # noise scale in LoRA parameter space
+    lr: float = 1e-3  # step size (see docs/es.md for the LoRA choice)
+    seed: int = 0  # master seed: every generation seed and all noise derive from it
+    antithetic: bool = True  # mirrored pairs (+eps, -eps): lower variance, needs an even population
+    shaping: str = "zscore"  # zscore (ES paper) | centered_rank (OpenAI ES) | raw
+    optimizer: str = "sgd"  # sgd | adam
+    weight_decay: float = 0.0  # decoupled, applied to the mean each step
+    lr_includes_sigma: bool = True  # True: step = lr/sigma * g_hat (ES paper folds 1/sigma into lr)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    init_seed: int = 0  # seed of the mean adapter's initial A matrices
+
+
+@dataclass
+class TaskConfig:
+    name: str = "conciseness"  # conciseness | countdown
+    num_prompts: int = 8  # prompts per generation, shared by every member
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy: fitness differences come from the weights, not sampling
+    template: str = "chat"  # chat | raw (the ES paper's raw-text prompt ending in <think>)
+    reward: str = "es_paper"  # countdown: es_paper | tinyzero
+    data_path: str = ""  # countdown: JSON / JSONL / parquet file; empty = procedural generator
+    data_seed: int = 1234  # seed of the procedural generator / prompt sampling
+    eval_prompts: int = 64  # held-out problems used by `eslora eval` and eval_every
+    eval_max_new_tokens: int = 512
+    target_length: int = 20  # conciseness: reward = -|len(completion) - target_length| (characters)
+
+
+@dataclass
+class SGLangConfig:
+    python: str = ""  # interpreter that has sglang; empty = this one
+    lora_backend: str = "csgmv"  # csgmv | triton
+    max_lora_rank: int = 0  # 0 = lora.r
+    disable_radix_cache: bool = True
+    deterministic: bool = False  # --enable-deterministic-inference
+    lora_overlap_loading: bool = False  # --enable-lora-overlap-loading
+    preload_dummy: bool = False  # the field notes' style: start with --lora-paths dummy=..., unload it
+    attention_backend: str = ""  # e.g. triton when FA3 is absent
+    sampling_backend: str = ""
+    disable_cuda_graph: bool = False
+    mem_fraction_static: float = 0.0  # 0 = SGLang's default
+    extra_args: list[str] = field(default_factory=list)  # passed through to launch_server
+    start_timeout_s: float = 600.0
+    adapter_dir: str = "/dev/shm"  # RAM-backed folder for member adapters
+
+
+@dataclass
+class VLLMConfig:
+    python: str = ".venv-vllm/bin/python"  # interpreter of the separate vLLM environment
+    extra_args: list[str] = field(default_factory=list)
+    start_timeout_s: float = 600.0
+    kv_cache_space_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    adapter_dir: str = "/dev/shm"
+
+
+@dataclass
+class BackendConfig:
+    name: str = "hf"  # hf (in-process transformers+PEFT) | sglang | vllm
+    max_loras_per_batch: int = 8
+    max_restarts: int = 3  # a dead server is restarted this many times before the actor gives up
+    request_timeout_s: float = 600.0
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""  # empty = embedded local Ray (ray.init() in-process); "auto" = running cluster
+    num_actors: int = 1  # evaluation actors (one per GPU on GPU backends)
+    gpus_per_actor: float = 0.0  # 1 for sglang/vllm-on-GPU
+    cpus_per_actor: float = 1.0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    es: ESConfig = field(default_factory=ESConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    resume: str = ""  # checkpoint file or run folder to resume from
+    adapter: str = ""  # `eslora eval`: PEFT adapter folder to score (empty = base model)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema defaults <- YAML file <- `key=value` overrides; validated, returned as a typed Config."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"bad config{where}: {_first_line(err)}") from None
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that types alone cannot express; each message names the key."""
+    checks = [
+        (cfg.run.generations >= 0, "run.generations must be >= 0"),
+        (cfg.es.population >= 1, "es.population must be >= 1"),
+        (not cfg.es.antithetic or cfg.es.population % 2 == 0,
+         f"es.population={cfg.es.population} must be even when es.antithetic=true"),
+        (cfg.es.sigma > 0, "es.sigma must be > 0"),
+        (cfg.es.shaping in ("zscore", "centered_rank", "raw"), f"es.shaping={cfg.es.shaping!r}: use zscore, centered_rank or raw"),
+        (cfg.es.optimizer in ("sgd", "adam"), f"es.optimizer={cfg.es.optimizer!r}: use sgd or adam"),
+        (cfg.lora.r >= 1, "lora.r must be >= 1"),
+        (all("." not in m for m in cfg.lora.target_modules),
+         "lora.target_modules must be simple module names (q_proj, ...); choose layers with lora.layers"),
+        (cfg.backend.name in ("hf", "sglang", "vllm"), f"backend.name={cfg.backend.name!r}: use hf, sglang or vllm"),
+        (1 <= cfg.backend.max_loras_per_batch, "backend.max_loras_per_batch must be >= 1"),
+        (cfg.cluster.num_actors >= 1, "cluster.num_actors must be >= 1"),
+        (cfg.task.num_prompts >= 1, "task.num_prompts must be >= 1"),
+        (cfg.task.max_new_tokens >= 1, "task.max_new_tokens must be >= 1"),
+        (cfg.task.template in ("chat", "raw"), f"task.template={cfg.task.template!r}: use chat or raw"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore[assignment]
+    return cfg
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    # OmegaConf appends a "full_key: ..." block; keep the message and the key.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    key = next((line for line in lines if line.startswith("full_key:")), "")
+    return f"{lines[0]} ({key})" if key and key not in lines[0] else lines[0]

@@ -1,0 +1,129 @@
+"""LoRA adapters as plain tensors: the shapes a model gives them, PEFT files in and out.
+
+An `Adapter` is a name, a `LoraSpec` and a dict of fp32 numpy arrays keyed by PEFT's saved names
+(`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, ...). The ES engine sees only
+the dict; backends see only `Adapter`s; this module is the one place that knows PEFT's layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 1
+    alpha: float = 2.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    layers: Optional[tuple[int, ...]] = tuple(range(10))  # None = every layer
+
+    @classmethod
+    def from_config(cls, cfg) -> "LoraSpec":  # cfg: eslora.config.LoraConfig
+        layers = None if cfg.layers is None else tuple(int(x) for x in cfg.layers)
+        return cls(r=int(cfg.r), alpha=float(cfg.alpha), target_modules=tuple(cfg.target_modules), layers=layers)
+
+    def peft_config(self, base_model: str = ""):
+        """The PEFT LoraConfig: simple module names + layers_to_transform (what SGLang accepts)."""
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=self.r,
+            lora_alpha=self.alpha,
+            target_modules=list(self.target_modules),
+            layers_to_transform=None if self.layers is None else list(self.layers),
+            lora_dropout=0.0,
+            bias="none",
+            base_model_name_or_path=base_model or None,
+        )
+
+
+@dataclass
+class Adapter:
+    """One LoRA adapter: what a backend loads. Tensors are fp32; backends cast as they need."""
+
+    name: str
+    spec: LoraSpec
+    tensors: Mapping[str, np.ndarray] = field(repr=False)
+
+    def save(self, folder: str | Path, base_model: str = "", dtype: torch.dtype = torch.float32) -> Path:
+        """Write PEFT's files (adapter_config.json + adapter_model.safetensors) into `folder`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.spec.peft_config(base_model).to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in self.tensors.items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        return folder
+
+
+def load_adapter(folder: str | Path, name: str = "") -> Adapter:
+    """Read a PEFT adapter folder (as written by `Adapter.save` or PEFT's save_pretrained)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path = folder / "adapter_config.json"
+    weights_path = folder / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
+    config = json.loads(config_path.read_text())
+    check_simple_target_modules(config, where=str(config_path))
+    layers = config.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
+    spec = LoraSpec(
+        r=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        target_modules=tuple(sorted(config["target_modules"])) if not isinstance(config["target_modules"], str) else (config["target_modules"],),
+        layers=None if layers is None else tuple(layers),
+    )
+    tensors = {k: v.float().numpy() for k, v in load_file(str(weights_path)).items()}
+    return Adapter(name=name or folder.name, spec=spec, tensors=tensors)
+
+
+def check_simple_target_modules(adapter_config: Mapping, where: str = "adapter") -> None:
+    """Refuse explicit per-layer paths in target_modules: SGLang crashes on them
+    (NotImplementedError in get_hidden_dim); simple names + layers_to_transform work."""
+    modules = adapter_config.get("target_modules") or []
+    if isinstance(modules, str):
+        modules = [modules]
+    paths = [m for m in modules if "." in m]
+    if paths:
+        raise ValueError(
+            f"{where}: target_modules holds explicit per-layer paths such as {paths[0]!r}; "
+            "use simple module names (q_proj, k_proj, ...) plus layers_to_transform instead"
+        )
+
+
+def check_rank(adapter_config: Mapping, max_rank: int, where: str = "adapter") -> None:
+    r = int(adapter_config.get("r", 0))
+    if r > max_rank:
+        raise ValueError(f"{where}: LoRA rank r={r} exceeds the server's max LoRA rank {max_rank}")
+
+
+def adapter_shapes(model_path: str, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every LoRA tensor PEFT creates for `spec` on this model.
+
+    Builds the model on the meta device (no weights read), so it costs a second even for 7B.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    peft_model = get_peft_model(model, spec.peft_config(model_path))
+    state = get_peft_model_state_dict(peft_model)
+    if not state:
+        raise ValueError(f"LoRA spec {spec} matches no module of {model_path}")
+    return {name: tuple(t.shape) for name, t in sorted(state.items())}
+
