@@ -115,7 +115,8 @@ class ClusterConfig:
     address: str = ""  # empty = embedded local Ray (ray.init() in-process); "auto" = running cluster
     num_actors: int = 1  # evaluation actors (one per GPU on GPU backends)
     gpus_per_actor: float = 0.0  # 1 for sglang/vllm-on-GPU
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0  # on CPU backends also the actor's torch threads
+    batches_per_call: int = 2  # batches per actor call: a server loads batch k+1 while k generates
 
 
 @dataclass
@@ -174,6 +175,7 @@ def validate(cfg: Config) -> None:
         (cfg.backend.name in ("hf", "sglang", "vllm"), f"backend.name={cfg.backend.name!r}: use hf, sglang or vllm"),
         (1 <= cfg.backend.max_loras_per_batch, "backend.max_loras_per_batch must be >= 1"),
         (cfg.cluster.num_actors >= 1, "cluster.num_actors must be >= 1"),
+        (cfg.cluster.batches_per_call >= 1, "cluster.batches_per_call must be >= 1"),
         (cfg.task.num_prompts >= 1, "task.num_prompts must be >= 1"),
         (cfg.task.max_new_tokens >= 1, "task.max_new_tokens must be >= 1"),
         (cfg.task.template in ("chat", "raw"), f"task.template={cfg.task.template!r}: use chat or raw"),

@@ -1,0 +1,5 @@
+import sys
+
+from eslora.cli import main
+
+sys.exit(main())

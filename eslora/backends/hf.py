@@ -1,0 +1,125 @@
+"""In-process backend: transformers + PEFT, several adapters in one mixed batch.
+
+The CPU default. PEFT's `adapter_names=` puts a different adapter on each row of one
+`generate` call, so a batch of K adapters × P prompts is a single batched generation, the same
+shape of work a multi-LoRA server does. Adapters live in K fixed slots whose weights are
+overwritten per batch, so memory does not grow with the population.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from eslora.backends.base import Backend, BackendError, Completion, Sampling
+from eslora.lora import Adapter, LoraSpec, check_rank, check_simple_target_modules
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFBackend(Backend):
+    def __init__(self, cfg, model_path: str, device: str = "") -> None:
+        if cfg.model.dtype not in _DTYPES:
+            raise BackendError(f"model.dtype={cfg.model.dtype!r}: use one of {sorted(_DTYPES)}")
+        self.model_path = model_path
+        self.spec = LoraSpec.from_config(cfg.lora)
+        self.max_loras_per_batch = cfg.backend.max_loras_per_batch
+        self.dtype = _DTYPES[cfg.model.dtype]
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = None
+        self.tokenizer = None
+        self._slots = [f"slot{i}" for i in range(self.max_loras_per_batch)]
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if self.model is not None:
+            return
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).to(self.device)
+        base.eval()
+        peft_config = self.spec.peft_config(self.model_path)
+        model = get_peft_model(base, peft_config, adapter_name=self._slots[0])
+        for slot in self._slots[1:]:
+            model.add_adapter(slot, peft_config)
+        model.eval()
+        self.model, self.tokenizer = model, tokenizer
+
+    def stop(self) -> None:
+        self.model = None
+        self.tokenizer = None
+
+    def generate(
+        self, prompts: Sequence[str], adapters: Sequence[Optional[Adapter]], sampling: Sampling
+    ) -> list[list[Completion]]:
+        self.start()
+        for adapter in adapters:
+            if adapter is not None:
+                self._check(adapter)
+        results: list[Optional[list[Completion]]] = [None] * len(adapters)
+        # Base-model rows never share a batch with adapter rows (same rule as the servers).
+        base_rows = [i for i, a in enumerate(adapters) if a is None]
+        lora_rows = [i for i, a in enumerate(adapters) if a is not None]
+        with self._lock:
+            for start in range(0, len(base_rows), self.max_loras_per_batch):
+                rows = base_rows[start : start + self.max_loras_per_batch]
+                outs = self._generate_batch(prompts, [None] * len(rows), sampling)
+                for row, out in zip(rows, outs):
+                    results[row] = out
+            for start in range(0, len(lora_rows), self.max_loras_per_batch):
+                rows = lora_rows[start : start + self.max_loras_per_batch]
+                outs = self._generate_batch(prompts, [adapters[i] for i in rows], sampling)
+                for row, out in zip(rows, outs):
+                    results[row] = out
+        return results  # type: ignore[return-value]
+
+    def _check(self, adapter: Adapter) -> None:
+        config = {"target_modules": list(adapter.spec.target_modules), "r": adapter.spec.r}
+        check_simple_target_modules(config, where=f"adapter {adapter.name}")
+        check_rank(config, self.spec.r, where=f"adapter {adapter.name}")
+        if adapter.spec != self.spec:
+            raise BackendError(f"adapter {adapter.name}: spec {adapter.spec} differs from the backend's {self.spec}")
+
+    @torch.no_grad()
+    def _generate_batch(
+        self, prompts: Sequence[str], adapters: Sequence[Optional[Adapter]], sampling: Sampling
+    ) -> list[list[Completion]]:
+        from peft import set_peft_model_state_dict
+
+        model, tokenizer = self.model, self.tokenizer
+        names: list[str] = []
+        for slot, adapter in zip(self._slots, adapters):
+            if adapter is None:
+                names.append("__base__")  # PEFT's name for "no adapter on this row"
+                continue
+            state = {k: torch.from_numpy(np.asarray(v)) for k, v in adapter.tensors.items()}
+            result = set_peft_model_state_dict(model, state, adapter_name=slot)
+            if getattr(result, "unexpected_keys", None):
+                raise BackendError(f"adapter {adapter.name}: tensors the model does not have: {result.unexpected_keys[:3]}")
+            names.append(slot)
+        rows = [(a, p) for a in range(len(adapters)) for p in range(len(prompts))]
+        enc = tokenizer([prompts[p] for _, p in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        if sampling.temperature > 0:
+            torch.manual_seed(sampling.seed)
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = model.generate(**enc, adapter_names=[names[a] for a, _ in rows], **kwargs)
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        results: list[list[Completion]] = [[] for _ in adapters]
+        for (a, _), ids in zip(rows, new_tokens.tolist()):
+            length = next((i + 1 for i, t in enumerate(ids) if t in stop_ids), len(ids))
+            text = tokenizer.decode(ids[:length], skip_special_tokens=True)
+            results[a].append(Completion(text=text, num_tokens=length))
+        return results

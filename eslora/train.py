@@ -1,0 +1,248 @@
+"""The ES driver loop, top to bottom: ask -> evaluate (Ray actors) -> tell -> log -> checkpoint.
+
+    python -m eslora.train CONFIG [key=value ...]      (same as `eslora train`; for `ray job submit`)
+
+The driver holds the fp32 master adapter and optimizer state. Actors get a copy once at start;
+afterwards only seeds and scalars travel. Every generation appends one JSON line to
+`metrics.jsonl`; a checkpoint of the last finished generation is written on any exit, so an
+interrupted run loses at most the generation in flight and resumes with `resume=RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from eslora.config import Config, ConfigError, load_config, to_dict, to_yaml
+from eslora.es import EvolutionStrategy
+from eslora.es.init import init_lora_mean
+from eslora.lora import Adapter, LoraSpec, adapter_shapes
+from eslora.models import resolve_model
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.dir) / cfg.run.name
+
+
+def train(cfg: Config) -> Path:
+    """Run ES as configured; returns the run folder."""
+    from tqdm import tqdm
+
+    from eslora.cluster.pool import ActorPool
+
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    model_path = resolve_model(cfg.model.name_or_path)
+    spec = LoraSpec.from_config(cfg.lora)
+    es = EvolutionStrategy(cfg.es, init_lora_mean(adapter_shapes(model_path, spec), cfg.es.init_seed))
+    if cfg.resume:
+        checkpoint = load_checkpoint(cfg.resume)
+        es.load_state_dict(checkpoint["es"])
+        print(f"resumed from {cfg.resume} at generation {es.generation}")
+    _truncate_metrics(out / "metrics.jsonl", es.generation)
+
+    num_params = sum(v.size for v in es.mean.values())
+    print(
+        f"eslora: model {model_path} | LoRA r={spec.r} on {len(es.mean) // 2} modules, {num_params:,} params | "
+        f"population {cfg.es.population} x {cfg.task.num_prompts} prompts x {cfg.task.max_new_tokens} tokens | "
+        f"backend {cfg.backend.name}, {cfg.cluster.num_actors} actor(s) | run folder {out}"
+    )
+    logger = MetricsLogger(out)
+    with ActorPool(cfg, model_path, es.state_dict()) as pool:
+        try:
+            while es.generation < cfg.run.generations:
+                generation = es.generation
+                population = es.ask()
+                started = time.perf_counter()
+                with tqdm(total=population.size, desc=f"gen {generation}", unit="member", leave=False) as bar:
+                    result = pool.evaluate(population, on_batch=lambda r: bar.update(len(r.members)))
+                stats = es.tell(population, result.fitness)
+                drifted = pool.tell(population, result.fitness, es.fingerprint(), es.state_dict)
+                record = {
+                    "generation": generation,
+                    "reward_mean": float(np.mean(result.fitness)),
+                    "reward_max": float(np.max(result.fitness)),
+                    "reward_min": float(np.min(result.fitness)),
+                    "reward_std": float(np.std(result.fitness)),
+                    "seconds": time.perf_counter() - started,
+                    "members": population.size,
+                    "tokens": int(result.tokens),
+                    **{f"{k}_mean": float(np.mean([p[k] for p in result.parts])) for k in result.parts[0] if k != "reward"},
+                    **{k: float(v) for k, v in stats.items() if k.startswith(("grad", "update"))},
+                    **{f"backend_{k}": float(v) for k, v in result.backend_stats.items()},
+                    "replicas_resynced": drifted,
+                }
+                if cfg.run.eval_every and (generation + 1) % cfg.run.eval_every == 0:
+                    score = pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
+                    record.update({f"eval_{k}": v for k, v in score.parts.items()})
+                logger.log(record)
+                if cfg.run.checkpoint_every and es.generation % cfg.run.checkpoint_every == 0:
+                    save_checkpoint(out, es, cfg)
+        finally:
+            # Nothing lost on failure: the last finished generation is always on disk.
+            save_checkpoint(out, es, cfg)
+            logger.close()
+    adapter_dir = Adapter(name="mean", spec=spec, tensors=es.mean).save(out / "adapter", base_model=model_path)
+    logger.plot(out / "curve.png")
+    print(f"done: {es.generation} generations; adapter {adapter_dir}; metrics {out / 'metrics.jsonl'}")
+    return out
+
+
+def evaluate(cfg: Config) -> dict[str, Any]:
+    """Greedy held-out scores of `cfg.adapter` (a PEFT folder) or, if empty, of the base model."""
+    from eslora.cluster.pool import ActorPool
+    from eslora.lora import load_adapter
+
+    model_path = resolve_model(cfg.model.name_or_path)
+    spec = LoraSpec.from_config(cfg.lora)
+    tensors = None
+    if cfg.adapter:
+        adapter = load_adapter(cfg.adapter)
+        if adapter.spec != spec:
+            # Score the adapter as saved: its own rank / modules / layers define the backend's LoRA.
+            cfg.lora.r, cfg.lora.alpha = adapter.spec.r, adapter.spec.alpha
+            cfg.lora.target_modules = list(adapter.spec.target_modules)
+            cfg.lora.layers = None if adapter.spec.layers is None else list(adapter.spec.layers)
+            spec = adapter.spec
+        tensors = dict(adapter.tensors)
+    es = EvolutionStrategy(cfg.es, init_lora_mean(adapter_shapes(model_path, spec), cfg.es.init_seed))
+    started = time.perf_counter()
+    with ActorPool(cfg, model_path, es.state_dict()) as pool:
+        score = pool.score_adapter(tensors, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
+    report = {
+        "adapter": cfg.adapter or None,
+        "task": cfg.task.name,
+        "problems": cfg.task.eval_prompts,
+        **score.parts,
+        "tokens": score.tokens,
+        "seconds": time.perf_counter() - started,
+    }
+    if "answer" in score.parts:
+        report["accuracy"] = score.parts["answer"]
+    for sample in score.samples[:2]:
+        print(f"--- sample (reward {sample['reward']:.3f})\n{sample['completion'][:400]}")
+    print(json.dumps(report))
+    return report
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def save_checkpoint(out: Path, es: EvolutionStrategy, cfg: Config) -> Path:
+    folder = out / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"es": es.state_dict(), "config": to_dict(cfg), "generation": es.generation}
+    path = folder / f"gen_{es.generation:05d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a crash mid-write never leaves a broken checkpoint
+    (folder / "latest").write_text(path.name)
+    return path
+
+
+def load_checkpoint(where: str | Path) -> dict[str, Any]:
+    """`where`: a checkpoint file, a run folder or its checkpoints/ folder (takes the latest)."""
+    where = Path(where)
+    if where.is_dir():
+        folder = where / "checkpoints" if (where / "checkpoints").is_dir() else where
+        latest = folder / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"no checkpoint in {where}")
+        where = folder / latest.read_text().strip()
+    if not where.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {where}")
+    return torch.load(where, map_location="cpu", weights_only=False)
+
+
+# -- metrics -----------------------------------------------------------------------------------
+class MetricsLogger:
+    """metrics.jsonl (one object per generation), TensorBoard events, a one-line summary."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "metrics.jsonl"
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            print("tensorboard not installed: no event files written", file=sys.stderr)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "generation" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["generation"])
+            self.writer.flush()
+        extra = "".join(f" {k[:-5]} {record[k]:.3f}" for k in ("answer_mean", "format_mean") if k in record)
+        print(
+            f"gen {record['generation']:4d} | reward mean {record['reward_mean']:.4f} max {record['reward_max']:.4f}"
+            f"{extra} | {record['seconds']:.1f} s | {record['tokens'] / max(record['seconds'], 1e-9):.0f} tok/s",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def plot(self, path: Path) -> Optional[Path]:
+        records = read_metrics(self.path)
+        if not records:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        gens = [r["generation"] for r in records]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(gens, [r["reward_mean"] for r in records], marker="o", label="population mean reward")
+        ax.fill_between(gens, [r["reward_min"] for r in records], [r["reward_max"] for r in records], alpha=0.2, label="min-max")
+        if any("eval_reward" in r for r in records):
+            ev = [(r["generation"], r["eval_reward"]) for r in records if "eval_reward" in r]
+            ax.plot(*zip(*ev), marker="s", label="held-out reward (mean adapter)")
+        ax.set_xlabel("generation")
+        ax.set_ylabel("reward")
+        ax.set_title(self.path.parent.name)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, generation: int) -> None:
+    """On a fresh start drop old lines; on resume keep only generations before the resume point."""
+    records = [r for r in read_metrics(path) if r["generation"] < generation]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
