@@ -23,6 +23,12 @@ class LoraSpec:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     layers: Optional[tuple[int, ...]] = tuple(range(10))  # None = every layer
 
+    def __post_init__(self) -> None:
+        # Order carries no meaning (PEFT stores a set): normalise so equal specs compare equal.
+        object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+
     @classmethod
     def from_config(cls, cfg) -> "LoraSpec":  # cfg: eslora.config.LoraConfig
         layers = None if cfg.layers is None else tuple(int(x) for x in cfg.layers)
@@ -83,7 +89,7 @@ def load_adapter(folder: str | Path, name: str = "") -> Adapter:
     spec = LoraSpec(
         r=int(config["r"]),
         alpha=float(config["lora_alpha"]),
-        target_modules=tuple(sorted(config["target_modules"])) if not isinstance(config["target_modules"], str) else (config["target_modules"],),
+        target_modules=(config["target_modules"],) if isinstance(config["target_modules"], str) else tuple(config["target_modules"]),
         layers=None if layers is None else tuple(layers),
     )
     tensors = {k: v.float().numpy() for k, v in load_file(str(weights_path)).items()}

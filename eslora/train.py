@@ -30,6 +30,12 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir) / cfg.run.name
 
 
+def initial_strategy(cfg: Config, model_path: str, spec: LoraSpec) -> EvolutionStrategy:
+    """Generation 0: the mean adapter initialised for this model's LoRA shapes (docs/es.md)."""
+    mean = init_lora_mean(adapter_shapes(model_path, spec), cfg.es.init_seed, alpha=spec.alpha)
+    return EvolutionStrategy(cfg.es, mean)
+
+
 def train(cfg: Config) -> Path:
     """Run ES as configured; returns the run folder."""
     from tqdm import tqdm
@@ -41,7 +47,7 @@ def train(cfg: Config) -> Path:
     (out / "config.yaml").write_text(to_yaml(cfg))
     model_path = resolve_model(cfg.model.name_or_path)
     spec = LoraSpec.from_config(cfg.lora)
-    es = EvolutionStrategy(cfg.es, init_lora_mean(adapter_shapes(model_path, spec), cfg.es.init_seed))
+    es = initial_strategy(cfg, model_path, spec)
     if cfg.resume:
         checkpoint = load_checkpoint(cfg.resume)
         es.load_state_dict(checkpoint["es"])
@@ -112,7 +118,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
             cfg.lora.layers = None if adapter.spec.layers is None else list(adapter.spec.layers)
             spec = adapter.spec
         tensors = dict(adapter.tensors)
-    es = EvolutionStrategy(cfg.es, init_lora_mean(adapter_shapes(model_path, spec), cfg.es.init_seed))
+    es = initial_strategy(cfg, model_path, spec)
     started = time.perf_counter()
     with ActorPool(cfg, model_path, es.state_dict()) as pool:
         score = pool.score_adapter(tensors, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)

@@ -13,7 +13,7 @@ def test_two_members_differ_in_adapter_and_generation(tiny_model_path):
     cfg = load_config(None, [f"model.name_or_path={tiny_model_path}", "lora.layers=null", "es.population=4",
                              "es.sigma=0.3", "task.num_prompts=3", "task.max_new_tokens=8"])
     spec = LoraSpec.from_config(cfg.lora)
-    es = EvolutionStrategy(cfg.es, init_lora_mean(adapter_shapes(str(tiny_model_path), spec), 0))
+    es = EvolutionStrategy(cfg.es, init_lora_mean(adapter_shapes(str(tiny_model_path), spec), 0, alpha=spec.alpha))
     worker = Worker(cfg, str(tiny_model_path), es.state_dict())
     population = es.ask()
     p0, p2 = es.member_params(population, 0), es.member_params(population, 2)

@@ -70,17 +70,15 @@ class ActorPool:
                 # Embedded local Ray: nothing to start by hand; dashboard off to save memory.
                 ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
         threads = max(1, int(cfg.cluster.cpus_per_actor)) if cfg.cluster.gpus_per_actor == 0 else 0
+        runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, threads))}}
         actor_cls = ray.remote(EvalActor).options(
             num_cpus=cfg.cluster.cpus_per_actor,
             num_gpus=cfg.cluster.gpus_per_actor,
             max_restarts=0,
+            runtime_env=runtime_env,
         )
         state_ref = ray.put(dict(es_state))  # once, at start; afterwards only seeds and scalars
-        runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, threads))}}
-        self.actors = [
-            actor_cls.options(runtime_env=runtime_env).remote(cfg, model_path, state_ref, threads)
-            for _ in range(cfg.cluster.num_actors)
-        ]
+        self.actors = [actor_cls.remote(cfg, model_path, state_ref, threads) for _ in range(cfg.cluster.num_actors)]
         self._state_ref = state_ref
 
     def batches(self, population: Population) -> list[list[int]]:
