@@ -1,0 +1,115 @@
+"""Conciseness task (ES paper): dense length reward, fixed train questions, held-out eval."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eslora.config import TaskConfig
+from eslora.tasks import ConcisenessTask, Problem, Task, accuracy, make_task
+from eslora.tasks.conciseness import EVAL, QUESTIONS, TRAIN, contains_answer, length_reward
+
+
+def test_question_list() -> None:
+    assert len(QUESTIONS) >= 50
+    assert len({q for q, _ in QUESTIONS}) == len(QUESTIONS)  # no duplicate questions
+    assert all(q.strip() and a.strip() for q, a in QUESTIONS)
+    assert not {q for q, _ in TRAIN} & {q for q, _ in EVAL}
+    assert len(EVAL) >= 15
+
+
+def test_reward_is_dense_and_unclipped() -> None:
+    task = ConcisenessTask(template="raw", target_length=20)
+    p = task.train_problems(0, 1)[0]
+    rewards = [task.score(p, "x" * n)["reward"] for n in range(0, 200)]
+    assert rewards[20] == 0.0
+    assert rewards[0] == -20.0 and rewards[199] == -179.0
+    # strictly better as the length approaches the target from either side: no plateaus
+    assert all(a < b for a, b in zip(rewards[:20], rewards[1:21]))
+    assert all(a > b for a, b in zip(rewards[20:], rewards[21:]))
+    assert task.score(p, "  \n" + "x" * 20 + "\n ")["reward"] == 0.0  # surrounding whitespace ignored
+    assert task.score(p, "x" * 25)["length"] == 25.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=400), st.integers(min_value=0, max_value=300))
+def test_reward_formula(text: str, target: int) -> None:
+    assert length_reward(text, target) == -abs(len(text.strip()) - target)
+
+
+def test_answer_part() -> None:
+    assert contains_answer("The capital of France is Paris.", "Paris")
+    assert contains_answer("paris", "Paris")
+    assert not contains_answer("Parisian food", "Paris")
+    assert contains_answer("It is 8.", "8") and not contains_answer("It is 18.", "8")
+    assert contains_answer("It's carbon dioxide!", "Carbon dioxide")
+    task = ConcisenessTask(template="raw")
+    p = Problem(prompt="What is the capital of France?", data={"question": "q", "answer": "Paris"})
+    scores = [task.score(p, "Paris."), task.score(p, "London.")]
+    assert [s["answer"] for s in scores] == [1.0, 0.0] and accuracy(scores) == 0.5
+    for evil in ("\x00" * 1000, "(" * 10_000, "٣" * 1000, ""):
+        assert set(task.score(p, evil)) == {"reward", "length", "answer"}
+
+
+def test_train_problems_fixed_and_seeded() -> None:
+    cfg = TaskConfig(name="conciseness", template="raw", num_prompts=8, data_seed=1)
+    task = make_task(cfg)
+    assert isinstance(task, Task) and task.name == "conciseness"
+    g0 = task.train_problems(0, 8)
+    assert g0 == task.train_problems(7, 8) == make_task(cfg).train_problems(0, 8)
+    assert len({p.id for p in g0}) == 8
+    assert all(p.prompt == p.data["question"] for p in g0)  # raw: the bare question (ES paper)
+    other = make_task(TaskConfig(name="conciseness", template="raw", data_seed=2)).train_problems(0, 8)
+    assert [p.id for p in other] != [p.id for p in g0]
+    assert len(task.train_problems(0, len(TRAIN) + 5)) == len(TRAIN) + 5  # cycles past the end
+    ev = task.eval_problems(64)
+    assert len(ev) == len(EVAL) and task.eval_problems(3) == ev[:3]
+    assert not {p.data["question"] for p in ev} & {q for q, _ in TRAIN}
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _chatml_tokenizer(template: str | None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    hf.chat_template = template
+    return hf
+
+
+def test_chat_prompts() -> None:
+    task = make_task(TaskConfig(name="conciseness", template="chat"), _chatml_tokenizer(CHATML))
+    p = task.train_problems(0, 1)[0]
+    assert p.prompt == f"<|im_start|>user\n{p.data['question']}<|im_end|>\n<|im_start|>assistant\n"
+    plain = make_task(TaskConfig(name="conciseness", template="chat")).train_problems(0, 1)[0]
+    assert plain.prompt == f"User: {plain.data['question']}\nAssistant:"
+
+
+def test_make_task_errors() -> None:
+    with pytest.raises(ValueError, match="task.template"):
+        make_task(TaskConfig(name="conciseness", template="xml"))
+    with pytest.raises(ValueError, match="task.data_path"):
+        make_task(TaskConfig(name="conciseness", data_path="x.json"))
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task(TaskConfig(name="gsm8k"))
+
+
+@pytest.mark.slow
+def test_prompts_with_the_real_smollm2_tokenizer(smollm2_path) -> None:
+    """The CPU demo's model: its ChatML template renders both tasks' prompts."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    p = make_task(TaskConfig(name="conciseness", template="chat"), tok).train_problems(0, 1)[0]
+    assert p.prompt.endswith(f"<|im_start|>user\n{p.data['question']}<|im_end|>\n<|im_start|>assistant\n")
+    c = make_task(TaskConfig(name="countdown", template="chat"), tok).train_problems(0, 1)[0]
+    assert "<|im_start|>system\nYou are a helpful assistant." in c.prompt
+    assert c.prompt.endswith("<|im_end|>\n<|im_start|>assistant\nLet me solve this step by step.\n<think>")
