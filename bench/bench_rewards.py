@@ -6,7 +6,8 @@
     .venv/bin/python bench/bench_rewards.py [--repeats 5] [--json out.json]
 
 Scores each case with both public rewards (`es_paper_reward` + `tinyzero_reward`, i.e. two full
-scans), reports the worst of `--repeats` runs per case, the time per MB at 1/2/4/8 MB (linear
+scorings), reports the median (judged against the target) and the worst of `--repeats` runs per
+case (the worst is mostly scheduler noise on a shared box), the time per MB at 1/2/4/8 MB (linear
 means flat), and, for contrast, the published regex + filter approach on a small adversarial
 input (the regexes go quadratic; `eval` would not return at all on `99**80**50**2`, so it is not
 run). Exit status 1 if a target is missed.
@@ -53,13 +54,15 @@ def cases(size: int) -> dict[str, str]:
     }
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    worst = 0.0
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median, worst) seconds of `repeats` calls."""
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        worst = max(worst, time.perf_counter() - t0)
-    return worst
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], times[-1]
 
 
 def score(text: str) -> None:
@@ -83,25 +86,25 @@ def main() -> int:
     ok = True
 
     for label, size, limit_ms in (("100KB", 100 * KB, 10.0), ("10MB", 10 * MB, 100.0)):
-        print(f"\n{label} completions (worst of {args.repeats}; target < {limit_ms:g} ms)")
+        print(f"\n{label} completions, median and worst of {args.repeats} (target: median < {limit_ms:g} ms)")
         rows = {}
         for name, text in cases(size).items():
-            ms = 1000 * timed(lambda: score(text), args.repeats)
-            rows[name] = round(ms, 3)
-            flag = "ok" if ms < limit_ms else "MISSED"
-            ok &= ms < limit_ms
-            print(f"  {name:36s} {ms:9.3f} ms  {flag}")
+            med, worst = (1000 * x for x in timed(lambda: score(text), args.repeats))
+            rows[name] = {"median_ms": round(med, 3), "worst_ms": round(worst, 3)}
+            flag = "ok" if med < limit_ms else "MISSED"
+            ok &= med < limit_ms
+            print(f"  {name:36s} {med:9.3f} ms  (worst {worst:9.3f})  {flag}")
         record[label] = rows
 
-    print("\nlinearity: ms per MB (flat = linear)")
+    print("\nlinearity: median ms per MB at 1, 2, 4, 8 MB (flat = linear)")
     per_mb = {}
     for name in ("realistic think + answer", "unclosed <answer> x N", "</think>\\n<answer></answer>x x N",
                  "answer of '(' x N"):
         line = []
         for mbs in (1, 2, 4, 8):
             text = cases(mbs * MB)[name]
-            ms = 1000 * timed(lambda: score(text), max(1, args.repeats // 2))
-            line.append(round(ms / mbs, 3))
+            med, _ = timed(lambda: score(text), args.repeats)
+            line.append(round(1000 * med / mbs, 3))
         per_mb[name] = line
         print(f"  {name:36s} " + "  ".join(f"{x:7.3f}" for x in line))
     record["ms_per_MB_at_1_2_4_8MB"] = per_mb
@@ -110,8 +113,8 @@ def main() -> int:
     contrast = {}
     for kb in (8, 16, 32):
         text = _fit("<answer>", kb * KB)
-        ms_ref = 1000 * timed(lambda: published_regex_scan(text), 1)
-        ms_ours = 1000 * timed(lambda: score(text), 1)
+        ms_ref = 1000 * timed(lambda: published_regex_scan(text), 1)[0]
+        ms_ours = 1000 * timed(lambda: score(text), 3)[0]
         contrast[f"{kb}KB"] = {"published_regex_ms": round(ms_ref, 2), "eslora_ms": round(ms_ours, 3)}
         print(f"  {kb:3d} KB: published regexes {ms_ref:9.2f} ms   eslora {ms_ours:7.3f} ms")
     record["contrast"] = contrast
