@@ -612,6 +612,3 @@ class CountdownTask:
             reward = 0.0 if not has_answer else (1.0 if ans == 1.0 else 0.1)
         return {"reward": reward, "format": fmt, "answer": ans}
 
-
-def mean_reward(scores: Sequence[Mapping[str, float]]) -> float:
-    return math.fsum(s["reward"] for s in scores) / len(scores) if scores else 0.0
