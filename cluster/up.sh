@@ -9,6 +9,8 @@ RAY=${RAY:-.venv/bin/ray}
 NODE_IP=${RAY_NODE_IP:-127.0.0.1}
 PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+# Ray replaces 127.0.0.1 with the routable address unless multi-node mode is off.
+[ "$NODE_IP" = 127.0.0.1 ] && export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 if "$RAY" status --address "$NODE_IP:$PORT" >/dev/null 2>&1; then
   echo "Ray already running at $NODE_IP:$PORT"; exit 0
 fi

@@ -7,6 +7,7 @@ import pytest
 import ray
 import torch
 
+from eslora.cluster.pool import start_local_ray
 from eslora.config import load_config
 from eslora.lora import load_adapter
 from eslora.train import evaluate, load_checkpoint, train
@@ -16,7 +17,7 @@ METRIC_KEYS = {"generation", "reward_mean", "reward_max", "reward_min", "reward_
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -44,6 +45,10 @@ def config(tmp_path, model, name, *extra):
             *extra,
         ],
     )
+
+
+def test_embedded_ray_binds_loopback():
+    assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
 
 
 def adapter_arrays(run):
@@ -86,7 +91,8 @@ def test_one_vs_three_actors_bit_identical(tmp_path, tiny_model_path):
 def test_resume_is_bit_identical(tmp_path, tiny_model_path):
     full = train(config(tmp_path, tiny_model_path, "full", "run.generations=3"))
     part = train(config(tmp_path, tiny_model_path, "part", "run.generations=2"))
-    resumed = train(config(tmp_path, tiny_model_path, "part", "run.generations=3", f"resume={part}"))
+    # The resumed leg runs on 2 actors: neither resume nor the actor count changes a bit.
+    resumed = train(config(tmp_path, tiny_model_path, "part", "run.generations=3", f"resume={part}", "cluster.num_actors=2"))
     a, b = adapter_arrays(full), adapter_arrays(resumed)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     gens = [json.loads(x)["generation"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]

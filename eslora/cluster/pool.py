@@ -20,6 +20,18 @@ from eslora.es import Population
 from eslora.worker import AdapterScore, BatchResult, Worker
 
 
+def start_local_ray(**kwargs: Any) -> None:
+    """Embedded single-machine Ray, every port on 127.0.0.1 (nothing to start by hand).
+
+    Ray swaps "127.0.0.1" for the machine's routable address unless multi-node mode is off, so
+    turn it off for this process before init: then the GCS, raylet and workers bind to loopback.
+    """
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False, **kwargs)
+
+
 class EvalActor:
     """One per GPU (or CPU slot): owns a `Worker`, hence a backend (and its server)."""
 
@@ -67,8 +79,7 @@ class ActorPool:
             if cfg.cluster.address:
                 ray.init(address=cfg.cluster.address, log_to_driver=True)
             else:
-                # Embedded local Ray: nothing to start by hand; dashboard off to save memory.
-                ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+                start_local_ray()
         threads = max(1, int(cfg.cluster.cpus_per_actor)) if cfg.cluster.gpus_per_actor == 0 else 0
         runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, threads))}}
         actor_cls = ray.remote(EvalActor).options(
