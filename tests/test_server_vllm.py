@@ -90,7 +90,7 @@ def test_adapters_give_distinct_outputs_across_batches(setup):
     out = texts(got)
     assert len({tuple(row) for row in out[:-1]}) == len(adapters) - 1, "different adapters must differ"
     assert out[-1] == out[0], "the same adapter in another batch must give the same greedy output"
-    assert backend.stats["generations"][-1]["batches"] == 2
+    assert backend.stats["batches"] == 2
     assert all(0 < c.num_tokens <= GREEDY.max_new_tokens for row in got for c in row)
     # Every batch was unloaded and its files deleted.
     assert loaded_models(backend) == ["eslora-base"]
@@ -167,7 +167,7 @@ def test_base_requests_never_share_a_batch_with_lora(setup):
     cfg, spec, shapes, backend = setup
     lora = [random_adapter(shapes, spec, s) for s in range(21, 21 + PER_BATCH)]  # fills every slot
     mixed = texts(backend.generate(PROMPTS, [lora[0], None, *lora[1:], None], GREEDY))
-    assert backend.stats["generations"][-1]["batches"] == 2  # one base batch, one LoRA batch
+    assert backend.stats["batches"] == 2  # one base batch, one LoRA batch
     base_only = texts(backend.generate(PROMPTS, [None], GREEDY))[0]
     lora_only = texts(backend.generate(PROMPTS, lora, GREEDY))
     assert mixed[1] == mixed[-1] == base_only
@@ -181,15 +181,25 @@ def test_upstream_bug_base_rows_among_full_lora_slots_are_wrong(setup, tmp_path)
     slot, so with every slot loaded a base request batched with LoRA requests is silently wrong.
     If this starts failing, upstream fixed it and the separation is no longer needed."""
     cfg, spec, shapes, backend = setup
-    sampling = Sampling(max_new_tokens=32)
-    base_only = texts(backend.generate(PROMPTS, [None], sampling))[0]
+    base_only = texts(backend.generate(PROMPTS, [None], Sampling(max_new_tokens=32)))[0]
     folders = [random_adapter(shapes, spec, s).save(tmp_path / f"bug{s}") for s in range(51, 51 + PER_BATCH)]
     names = [backend.load_folder(folder) for folder in folders]
+
+    def complete(model, max_tokens, ignore_eos):
+        body = requests.post(backend.url + "/v1/completions", timeout=120, json={
+            "model": model, "prompt": PROMPTS, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": ignore_eos,
+        }).json()
+        return [c["text"] for c in sorted(body["choices"], key=lambda c: c["index"])]
+
     try:
-        with ThreadPoolExecutor(len(names) + 1) as pool:
-            lora_futures = [pool.submit(backend._complete, PROMPTS, name, sampling) for name in names]
-            time.sleep(0.05)  # the LoRA requests are running: every slot is in use
-            base_mixed = [c.text for c in pool.submit(backend._complete, PROMPTS, "eslora-base", sampling).result()]
+        with ThreadPoolExecutor(len(names)) as pool:
+            # Long LoRA requests (ignore_eos: they run ~1-2 s) occupy every slot while the short
+            # base request runs from start to end in the same decode steps.
+            lora_futures = [pool.submit(complete, name, 384, True) for name in names]
+            time.sleep(0.3)
+            base_mixed = complete("eslora-base", 32, False)
+            assert not all(f.done() for f in lora_futures), "LoRA requests ended too early to overlap"
             for fut in lora_futures:
                 fut.result()
     finally:
@@ -239,13 +249,13 @@ def test_server_killed_mid_batch_is_restarted_and_batch_rerun(setup):
     sampling = Sampling(max_new_tokens=48)
     ref = backend.generate(PROMPTS, adapters, sampling)
     old_pid = backend.server.process.pid
-    loads = len(backend.stats["load_s"])
+    loads = len(backend.timings["load_s"])
     killed = threading.Event()
 
     def kill_after_loads():
         # Adapters loaded, completions in flight: SIGKILL the whole server process group.
         deadline = time.monotonic() + 120
-        while len(backend.stats["load_s"]) < loads + len(adapters) and time.monotonic() < deadline:
+        while len(backend.timings["load_s"]) < loads + len(adapters) and time.monotonic() < deadline:
             time.sleep(0.001)
         backend.server.kill()
         killed.set()
@@ -256,6 +266,7 @@ def test_server_killed_mid_batch_is_restarted_and_batch_rerun(setup):
     killer.join(timeout=10)
     assert killed.is_set()
     assert backend.restarts == 1 and backend.server.process.pid != old_pid and backend.healthy()
+    assert backend.stats["restarts"] == 1  # what the worker logs for this call
     assert [[(c.text, c.num_tokens) for c in row] for row in got] == [[(c.text, c.num_tokens) for c in row] for row in ref]
 
     # Past backend.max_restarts a dead server is an error naming the cause, not a hang.

