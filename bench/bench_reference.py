@@ -1,0 +1,91 @@
+"""P2 of issue 7: one ES generation as the ES paper's reference code runs it, for comparison.
+
+The structure of the reference implementation of "Evolution Strategies at Scale: LLM Fine-Tuning
+Beyond Reinforcement Learning" (Qiu et al., 2025): for each member, perturb EVERY weight of the
+full model in place with Gaussian noise regenerated from the member's seed, generate the
+generation's prompt batch with HF `generate`, then restore the weights by regenerating the same
+noise and subtracting it. Same prompts (32 Countdown problems), 256 new tokens, greedy, bf16.
+
+    PYTHONPATH=/tmp/site:. python3 bench/bench_reference.py --model /tmp/model --members 4
+
+Timing `--members` members and multiplying by the population (32) gives the generation's time;
+the JSON says how many members were really run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.common import ROOT, generation_inputs, median, out_path, write_json  # noqa: E402
+from eslora.config import load_config  # noqa: E402
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int, scale: float) -> None:
+    """In-place `w += scale * N(0, 1)` on every parameter, noise regenerated from `seed`."""
+    for i, param in enumerate(model.parameters()):
+        gen = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + i)
+        noise = torch.randn(param.shape, generator=gen, device=param.device, dtype=param.dtype)
+        param.add_(noise, alpha=scale)
+        del noise
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="/tmp/model")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "countdown_sglang.yaml"))
+    ap.add_argument("--members", type=int, default=4, help="members actually run (the rest extrapolated)")
+    ap.add_argument("--sigma", type=float, default=1e-3)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = load_config(args.config, [f"model.name_or_path={args.model}", *args.overrides])
+    prompts, _, _, _ = generation_inputs(cfg, args.model)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).cuda().eval()
+    load_s = time.perf_counter() - t0
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+    gen_kwargs = dict(max_new_tokens=cfg.task.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
+
+    per_member, tokens = [], []
+    for m in range(args.members):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        perturb(model, seed=m, scale=args.sigma)
+        out = model.generate(**batch, **gen_kwargs)
+        perturb(model, seed=m, scale=-args.sigma)  # restore: the same noise, subtracted
+        torch.cuda.synchronize()
+        per_member.append(time.perf_counter() - t0)
+        new = out[:, batch["input_ids"].shape[1]:]
+        tokens.append(int((new != tok.pad_token_id).sum()))
+        print(f"[reference member {m}] {per_member[-1]:.2f} s, {tokens[-1]} tokens", flush=True)
+    population = cfg.es.population
+    record = {
+        "what": "full-weight HF generate loop, perturb in place from a seed / generate / restore (ES paper structure)",
+        "model_load_s": load_s, "members_run": args.members, "population": population,
+        "prompts": len(prompts), "max_new_tokens": cfg.task.max_new_tokens,
+        "seconds_per_member": per_member, "tokens_per_member": tokens,
+        "generation_s_extrapolated": median(per_member) * population,
+        "tokens_per_s": sum(tokens) / sum(per_member),
+    }
+    print(f"[reference] median {median(per_member):.2f} s/member -> {record['generation_s_extrapolated']:.1f} s per generation of {population}")
+    write_json(out_path("bench_reference.json"), record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
