@@ -178,6 +178,14 @@ class VLLMBackend(Backend):
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
         server.stop(grace_s=5.0)
+        if process is not None:
+            # The group id is the leader's pid (start_new_session). ServerProcess.stop finds the
+            # group through the leader, so once the leader has exited it cannot see children
+            # left in the group: kill those here.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         # A killed server (crash, SIGKILL) leaves its shared-memory files behind: remove ours.
         for path in self._shm_files:
             try:
