@@ -37,14 +37,15 @@ vllm-env:
 test-server: $(VENV)/.installed vllm-env
 	$(PY) -m pytest -q -m server $(ARGS)
 
+# The venv's bin first on PATH: Ray jobs run `python` from the head's environment.
 cluster-up: $(VENV)/.installed
-	bash cluster/up.sh
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash cluster/up.sh
 
 cluster-down:
 	bash cluster/down.sh
 
 submit: $(VENV)/.installed
-	bash cluster/submit.sh $(CONFIG) $(ARGS)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_ADDRESS=$(RAY_ADDRESS) bash cluster/submit.sh $(CONFIG) $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -9,4 +9,4 @@ RAY=${RAY:-.venv/bin/ray}
 ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
 exec "$RAY" job submit --address "$ADDRESS" --working-dir . \
   --runtime-env-json '{"excludes": [".venv", ".venv-vllm", "runs", ".git", ".gpu", ".whl"]}' \
-  -- python -m eslora.train "$CONFIG" cluster.address=auto "$@"
+  -- "${PYTHON:-python}" -m eslora.train "$CONFIG" cluster.address=auto "$@"

@@ -90,7 +90,7 @@ class Worker:
             parts=parts,
             tokens=tokens,
             seconds=time.perf_counter() - started,
-            backend_stats=dict(getattr(self.backend, "stats", {}) or {}),
+            backend_stats={k: float(v) for k, v in self.backend.stats.items() if isinstance(v, (int, float))},
         )
 
     def tell(self, population: Population, fitness: Sequence[float]) -> str:

@@ -40,6 +40,9 @@ class Backend(ABC):
     """
 
     max_loras_per_batch: int = 8
+    # Totals of the last `generate` call as plain numbers (seconds, counts), e.g.
+    # {"load_s": .., "generate_s": ..}; the driver sums them over actors and logs them.
+    stats: dict[str, float] = {}
 
     def start(self) -> None:
         """Load the model / start the server. Idempotent."""
