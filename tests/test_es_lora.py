@@ -27,6 +27,13 @@ def test_init_is_b_zero_and_a_scaled_and_seeded():
     assert not np.array_equal(mean["x.q_proj.lora_A.weight"] / 0.25, member_noise(0, 0, "x.q_proj.lora_A.weight", (4, 300)))
 
 
+def test_init_a_std_override():
+    shapes = {"x.lora_A.weight": (2, 4000), "x.lora_B.weight": (8, 2)}
+    assert init_lora_mean(shapes, seed=0, a_std=0.01)["x.lora_A.weight"].std() == pytest.approx(0.01, rel=0.05)
+    with pytest.raises(ValueError, match="a_std"):
+        init_lora_mean(shapes, seed=0, a_std=0.0)
+
+
 def test_init_refuses_non_lora_names():
     with pytest.raises(ValueError, match="not a LoRA tensor"):
         init_lora_mean({"x.q_proj.weight": (4, 4)}, seed=0)

@@ -28,21 +28,26 @@ import numpy as np
 from eslora.es.noise import member_noise
 
 
-def init_lora_mean(shapes: Mapping[str, tuple[int, ...]], seed: int, *, alpha: float = 2.0) -> dict[str, np.ndarray]:
+def init_lora_mean(
+    shapes: Mapping[str, tuple[int, ...]], seed: int, *, alpha: float = 2.0, a_std: float | None = None
+) -> dict[str, np.ndarray]:
     """fp32 mean adapter for PEFT tensor names -> shapes: lora_A ~ N(0, r/alpha^2), lora_B = 0.
 
     `alpha` is the adapter's lora_alpha (pass `cfg.lora.alpha`; 2.0 is LoraConfig's default);
-    r is read from each lora_A's shape (r, in_features).
+    r is read from each lora_A's shape (r, in_features). `a_std` overrides A's std (None: the
+    sqrt(r)/alpha above); a smaller A learns faster relative to B but shrinks B's perturbations.
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
+    if a_std is not None and not a_std > 0:
+        raise ValueError(f"a_std must be > 0, got {a_std}")
     mean: dict[str, np.ndarray] = {}
     for name in sorted(shapes):
         shape = tuple(int(d) for d in shapes[name])
         if ".lora_A." in name:
             if len(shape) != 2:
                 raise ValueError(f"{name}: expected a 2-D lora_A (r, in_features), got shape {shape}")
-            std = math.sqrt(shape[0]) / alpha
+            std = math.sqrt(shape[0]) / alpha if a_std is None else float(a_std)
             mean[name] = (member_noise(seed, 0, "init/" + name, shape) * np.float32(std)).astype(np.float32)
         elif ".lora_B." in name:
             mean[name] = np.zeros(shape, np.float32)
