@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+import pickle
 import random
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -292,3 +296,28 @@ def test_ask_is_pure_and_generation_seeds_differ():
     assert isinstance(first, Population) and list(first.members()) == list(range(8))
     other_seed = EvolutionStrategy(ESConfig(seed=1), zeros()).ask()
     assert other_seed.seed != first.seed
+
+
+# -- across processes ----------------------------------------------------------------------------
+def test_population_pickles_and_another_process_reaches_the_same_bytes():
+    cfg = ESConfig(population=6, sigma=0.05, lr=0.01, optimizer="adam", seed=42)
+    es = EvolutionStrategy(cfg, {n: np.full(s, 0.1, np.float32) for n, s in SHAPES.items()})
+    pop = es.ask()
+    assert pickle.loads(pickle.dumps(pop)) == pop
+    fitness = [float(m * m % 5) for m in range(6)]
+    for _ in range(3):
+        es.tell(es.ask(), fitness)
+    code = f"""
+import numpy as np
+from eslora.config import ESConfig
+from eslora.es import EvolutionStrategy
+shapes = {SHAPES!r}
+es = EvolutionStrategy(ESConfig(population=6, sigma=0.05, lr=0.01, optimizer="adam", seed=42),
+                       {{n: np.full(s, 0.1, np.float32) for n, s in shapes.items()}})
+for _ in range(3):
+    es.tell(es.ask(), {fitness!r})
+print(es.fingerprint())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "777"})
+    assert out.stdout.strip() == es.fingerprint()
