@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: cluster/submit.sh CONFIG [key=value ...]}; shift
 RAY=${RAY:-.venv/bin/ray}
 ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}  # the token cluster/up.sh made (~/.ray/auth_token)
 exec "$RAY" job submit --address "$ADDRESS" --working-dir . \
   --runtime-env-json '{"excludes": [".venv", ".venv-vllm", "runs", ".git", ".gpu", ".whl"]}' \
   -- "${PYTHON:-python}" -m eslora.train "$CONFIG" cluster.address=auto "$@"

@@ -9,6 +9,9 @@ RAY=${RAY:-.venv/bin/ray}
 NODE_IP=${RAY_NODE_IP:-127.0.0.1}
 PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+# Ray 2.5x+ heads require a token; clients find it in ~/.ray/auth_token once the mode says token.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+[ "$RAY_AUTH_MODE" = token ] && "$RAY" get-auth-token --generate >/dev/null
 # Ray replaces 127.0.0.1 with the routable address unless multi-node mode is off.
 [ "$NODE_IP" = 127.0.0.1 ] && export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 if "$RAY" status --address "$NODE_IP:$PORT" >/dev/null 2>&1; then

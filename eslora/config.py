@@ -44,14 +44,18 @@ class LoraConfig:
 @dataclass
 class ESConfig:
     population: int = 8  # members per generation (even when antithetic)
-    sigma: float = 1e-3  # noise scale in LoRA parameter space
-    lr: float = 1e-3  # step size (see docs/es.md for the LoRA choice)
+    # Per-entry std of a member's weight change (A is initialised so that sigma means what it
+    # means in full-weight ES; docs/es.md). The ES paper's 1e-3; EGGROLL's LoRA runs used 1e-3.
+    sigma: float = 1e-3
+    lr: float = 1e-3  # EGGROLL's rank-1 LoRA value; 3e-3 learned faster on SmolLM2 (docs/es.md)
     seed: int = 0  # master seed: every generation seed and all noise derive from it
     antithetic: bool = True  # mirrored pairs (+eps, -eps): lower variance, needs an even population
     shaping: str = "zscore"  # zscore (ES paper) | centered_rank (OpenAI ES) | raw
     optimizer: str = "sgd"  # sgd | adam
     weight_decay: float = 0.0  # decoupled, applied to the mean each step
-    lr_includes_sigma: bool = True  # True: step = lr/sigma * g_hat (ES paper folds 1/sigma into lr)
+    # True: step = lr * mean(w_i * eps_i) = lr * sigma * g_hat (the ES paper's update);
+    # False: step = lr * g_hat. See docs/es.md.
+    lr_includes_sigma: bool = True
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -116,7 +120,9 @@ class ClusterConfig:
     num_actors: int = 1  # evaluation actors (one per GPU on GPU backends)
     gpus_per_actor: float = 0.0  # 1 for sglang/vllm-on-GPU
     cpus_per_actor: float = 1.0  # on CPU backends also the actor's torch threads
-    batches_per_call: int = 2  # batches per actor call: a server loads batch k+1 while k generates
+    # Batches per actor call; a server backend loads batch k+1 while k generates within a call.
+    # 0 = each actor's whole share of a generation in one call (best overlap, coarse progress).
+    batches_per_call: int = 0
 
 
 @dataclass
@@ -175,7 +181,7 @@ def validate(cfg: Config) -> None:
         (cfg.backend.name in ("hf", "sglang", "vllm"), f"backend.name={cfg.backend.name!r}: use hf, sglang or vllm"),
         (1 <= cfg.backend.max_loras_per_batch, "backend.max_loras_per_batch must be >= 1"),
         (cfg.cluster.num_actors >= 1, "cluster.num_actors must be >= 1"),
-        (cfg.cluster.batches_per_call >= 1, "cluster.batches_per_call must be >= 1"),
+        (cfg.cluster.batches_per_call >= 0, "cluster.batches_per_call must be >= 0 (0 = auto)"),
         (cfg.task.num_prompts >= 1, "task.num_prompts must be >= 1"),
         (cfg.task.max_new_tokens >= 1, "task.max_new_tokens must be >= 1"),
         (cfg.task.template in ("chat", "raw"), f"task.template={cfg.task.template!r}: use chat or raw"),

@@ -85,6 +85,9 @@ def train(cfg: Config) -> Path:
                     **{f"backend_{k}": float(v) for k, v in result.backend_stats.items()},
                     "replicas_resynced": drifted,
                 }
+                if result.backend_stats.get("wall_s"):
+                    # Share of backend time spent waiting for adapter hand-off (summed over actors).
+                    record["backend_handoff_share"] = result.backend_stats.get("exposed_handoff_s", 0.0) / result.backend_stats["wall_s"]
                 if cfg.run.eval_every and (generation + 1) % cfg.run.eval_every == 0:
                     score = pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
                     record.update({f"eval_{k}": v for k, v in score.parts.items()})

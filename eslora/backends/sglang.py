@@ -380,7 +380,8 @@ class SGLangBackend(Backend):
         }
         self._reported_start_s = self.totals["server_start_s"]
         self.history.append(record)
-        self.stats = dict(record)
+        # Only additive numbers go to the driver (summed over actors); ratios stay in history.
+        self.stats = {k: v for k, v in record.items() if k not in ("tokens_per_s", "handoff_share")}
         return out  # type: ignore[return-value]
 
     def _add(self, key: str, seconds: float) -> None:

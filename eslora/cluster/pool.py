@@ -100,9 +100,9 @@ class ActorPool:
     def evaluate(self, population: Population, on_batch: Optional[Callable[[BatchResult], None]] = None) -> GenerationResult:
         """Score every member; `on_batch` is called as each batch's result arrives (progress)."""
         batches = self.batches(population)
-        calls_per_actor = max(1, self.cfg.cluster.batches_per_call)
+        batches_per_call = self.cfg.cluster.batches_per_call or -(-len(batches) // len(self.actors))
         # Fixed assignment: call j holds consecutive batches; calls are dealt to actors in turn.
-        calls = [batches[i : i + calls_per_actor] for i in range(0, len(batches), calls_per_actor)]
+        calls = [batches[i : i + batches_per_call] for i in range(0, len(batches), batches_per_call)]
         pending = {
             self.actors[j % len(self.actors)].evaluate.remote(population, call): call for j, call in enumerate(calls)
         }
