@@ -24,6 +24,7 @@ import torch
 from eslora.backends.base import BackendError, Sampling
 from eslora.config import load_config
 from eslora.lora import Adapter, LoraSpec, adapter_shapes
+from peft_reference import peft_generate
 
 pytestmark = pytest.mark.server
 
@@ -95,32 +96,6 @@ def test_adapters_give_distinct_outputs_across_batches(setup):
     # Every batch was unloaded and its files deleted.
     assert loaded_models(backend) == ["eslora-base"]
     assert list(backend.adapter_root.iterdir()) == []
-
-
-def peft_generate(model_path, adapter_dir, prompts, max_new_tokens):
-    """Reference: plain transformers + PeftModel.from_pretrained, one prompt at a time, greedy.
-    Returns (token ids, text) per prompt."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    out = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the vLLM worker holds a core; two OMP threads would fight it
-    try:
-        for prompt in prompts:
-            enc = tok(prompt, return_tensors="pt")
-            with torch.no_grad():
-                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            new = ids[0, enc["input_ids"].shape[1]:].tolist()
-            out.append((new, tok.decode(new, skip_special_tokens=True)))
-    finally:
-        torch.set_num_threads(threads)
-    return out
 
 
 def server_token_ids(backend, model, prompts, max_new_tokens):
@@ -199,12 +174,14 @@ def test_upstream_bug_base_rows_among_full_lora_slots_are_wrong(setup, tmp_path)
             lora_futures = [pool.submit(complete, name, 384, True) for name in names]
             time.sleep(0.3)
             base_mixed = complete("eslora-base", 32, False)
-            assert not all(f.done() for f in lora_futures), "LoRA requests ended too early to overlap"
+            overlapped = not all(f.done() for f in lora_futures)
             for fut in lora_futures:
                 fut.result()
     finally:
         for name in names:
             backend.unload(name)
+    if not overlapped:  # a busy machine can stretch the base request past the LoRA ones
+        pytest.skip("LoRA requests ended before the base request: no mixed batch to check")
     assert base_mixed != base_only
 
 
