@@ -9,6 +9,7 @@ the driver checks by fingerprint. The Ray layer (`eslora.cluster`) only moves th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -29,7 +30,7 @@ class BatchResult:
     members: list[int]
     fitness: list[float]  # mean reward over the generation's problems, per member
     parts: list[dict[str, float]]  # mean of each reward part (reward, format, answer, ...) per member
-    tokens: int  # completion tokens generated for these members
+    tokens: list[int]  # completion tokens generated, per member
     seconds: float
     backend_stats: dict[str, float] = field(default_factory=dict)
 
@@ -58,8 +59,6 @@ class Worker:
 
     # -- ES evaluation -------------------------------------------------------------------------
     def evaluate(self, population: Population, members: Sequence[int]) -> BatchResult:
-        import time
-
         if population.generation != self.es.generation:
             raise RuntimeError(
                 f"worker replica is at generation {self.es.generation}, asked to score generation {population.generation}"
@@ -76,13 +75,13 @@ class Worker:
             seed=population.seed,
         )
         completions = self.backend.generate([p.prompt for p in problems], adapters, sampling)
-        fitness, parts, tokens = [], [], 0
+        fitness, parts, tokens = [], [], []
         for member_completions in completions:
             scores = [self.task.score(p, c.text) for p, c in zip(problems, member_completions)]
             means = _mean_parts(scores)
             fitness.append(means["reward"])
             parts.append(means)
-            tokens += sum(c.num_tokens for c in member_completions)
+            tokens.append(sum(c.num_tokens for c in member_completions))
         return BatchResult(
             generation=population.generation,
             members=list(members),

@@ -120,7 +120,7 @@ class ActorPool:
                     for member, value, part in zip(result.members, result.fitness, result.parts):
                         fitness[member] = value
                         parts[member] = part
-                    tokens += result.tokens
+                    tokens += sum(result.tokens)
                     for key, value in result.backend_stats.items():
                         stats[key] = stats.get(key, 0.0) + value
                     if on_batch is not None:
@@ -174,9 +174,9 @@ def _split(result: BatchResult, batches: Sequence[Sequence[int]]) -> list[BatchR
                 members=result.members[start:end],
                 fitness=result.fitness[start:end],
                 parts=result.parts[start:end],
-                tokens=result.tokens if start == 0 else 0,
+                tokens=result.tokens[start:end],
                 seconds=result.seconds * share,
-                backend_stats=result.backend_stats if start == 0 else {},
+                backend_stats=result.backend_stats if start == 0 else {},  # per call: count once
             )
         )
         start = end
