@@ -116,6 +116,13 @@ def check_rank(adapter_config: Mapping, max_rank: int, where: str = "adapter") -
         raise ValueError(f"{where}: LoRA rank r={r} exceeds the server's max LoRA rank {max_rank}")
 
 
+def check_servable(spec: LoraSpec, max_rank: int, where: str = "adapter") -> None:
+    """What every backend checks before an adapter reaches it: simple module names, rank <= max."""
+    config = {"r": spec.r, "target_modules": list(spec.target_modules)}
+    check_simple_target_modules(config, where=where)
+    check_rank(config, max_rank, where=where)
+
+
 def adapter_shapes(model_path: str, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every LoRA tensor PEFT creates for `spec` on this model.
 

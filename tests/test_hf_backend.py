@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from eslora.backends.base import BackendError, Sampling
 from eslora.backends.hf import HFBackend

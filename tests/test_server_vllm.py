@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 
 from eslora.backends.base import BackendError, Sampling
 from eslora.config import load_config

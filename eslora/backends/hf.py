@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from eslora.backends.base import Backend, BackendError, Completion, Sampling
-from eslora.lora import Adapter, LoraSpec, check_rank, check_simple_target_modules
+from eslora.lora import Adapter, LoraSpec, check_servable
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,9 +82,7 @@ class HFBackend(Backend):
         return results  # type: ignore[return-value]
 
     def _check(self, adapter: Adapter) -> None:
-        config = {"target_modules": list(adapter.spec.target_modules), "r": adapter.spec.r}
-        check_simple_target_modules(config, where=f"adapter {adapter.name}")
-        check_rank(config, self.spec.r, where=f"adapter {adapter.name}")
+        check_servable(adapter.spec, self.spec.r, where=f"adapter {adapter.name}")
         if adapter.spec != self.spec:
             raise BackendError(f"adapter {adapter.name}: spec {adapter.spec} differs from the backend's {self.spec}")
 

@@ -31,7 +31,7 @@ import torch
 
 from eslora.backends.base import Backend, BackendError, Completion, Sampling
 from eslora.backends.server import ServerProcess, free_port
-from eslora.lora import Adapter, LoraSpec, adapter_shapes, check_rank, check_simple_target_modules
+from eslora.lora import Adapter, LoraSpec, adapter_shapes, check_servable
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -94,10 +94,8 @@ def build_command(cfg, model_path: str, port: int, dummy_path: str = "") -> list
 
 def check_adapter_spec(spec: LoraSpec, max_rank: int, server_modules: Sequence[str], where: str) -> None:
     """Refuse adapters SGLang would crash on or silently mis-serve, before they reach the server."""
-    config = spec.peft_config().to_dict()
     try:
-        check_simple_target_modules(config, where=where)
-        check_rank(config, max_rank, where=where)
+        check_servable(spec, max_rank, where=where)
     except ValueError as err:
         raise BackendError(str(err)) from None
     extra = sorted(set(spec.target_modules) - set(server_modules))

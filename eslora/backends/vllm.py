@@ -36,7 +36,7 @@ import requests
 
 from eslora.backends.base import Backend, BackendError, Completion, Sampling
 from eslora.backends.server import ServerProcess, free_port
-from eslora.lora import Adapter, check_rank, check_simple_target_modules
+from eslora.lora import Adapter, check_rank, check_servable, check_simple_target_modules
 
 # vLLM 0.32.0 accepts only these values for --max-lora-rank (vllm/config/lora.py MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -312,10 +312,8 @@ class VLLMBackend(Backend):
 
     def _check_spec(self, adapter: Adapter) -> None:
         """The same checks as on the written folder, on the in-memory spec, before any batch runs."""
-        config = {"r": adapter.spec.r, "target_modules": list(adapter.spec.target_modules)}
         try:
-            check_simple_target_modules(config, where=f"adapter {adapter.name}")
-            check_rank(config, self.max_lora_rank, where=f"adapter {adapter.name}")
+            check_servable(adapter.spec, self.max_lora_rank, where=f"adapter {adapter.name}")
         except ValueError as err:
             raise BackendError(str(err)) from None
 
