@@ -88,37 +88,25 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM the whole process group, SIGKILL what is left after `grace_s`."""
+    def stop(self, grace_s: float = 20.0, reap_s: float = 20.0) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left after `grace_s`, and wait until
+        the group is empty (a server's workers hold GPU memory the next server needs)."""
         process, self.process = self.process, None
         if process is None:
             return
+        pgid = process.pid  # start_new_session: the group id is the leader's pid, even after it exits
+        _signal_group(pgid, signal.SIGTERM)
         try:
-            pgid = os.getpgid(process.pid)
-        except ProcessLookupError:
-            return
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # The leader is gone; children may linger in the group.
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                break
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        _reap_group(pgid, reap_s)
+        process.wait(timeout=10.0)
 
     def kill(self) -> None:
         """Crash the server on purpose (tests of restart): SIGKILL the whole group, no grace."""
         if self.process is not None:
-            try:
-                os.killpg(os.getpgid(self.process.pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -127,3 +115,19 @@ class ServerProcess:
                 return "".join(deque(f, maxlen=lines))
         except FileNotFoundError:
             return "(no log)"
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Signal every process of the group; False once the group is empty."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _reap_group(pgid: int, timeout_s: float) -> None:
+    """SIGKILL the group until no process is left in it (or `timeout_s` passes)."""
+    deadline = time.monotonic() + timeout_s
+    while _signal_group(pgid, signal.SIGKILL) and time.monotonic() < deadline:
+        time.sleep(0.2)

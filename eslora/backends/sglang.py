@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -36,18 +35,6 @@ from eslora.lora import Adapter, LoraSpec, adapter_shapes, check_servable
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 SELF_CHECK_PROMPT = "Question: What is the capital of France? Answer in one sentence.\nAnswer:"
-
-
-def _reap_group(pgid: int, timeout_s: float = 20.0) -> None:
-    """SIGKILL what is left of a server's process group (its leader may be gone already, its
-    scheduler not) and wait until none is left, so the GPU memory is free for the next server."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.5)
 
 
 class ServerCrashed(RuntimeError):
@@ -199,10 +186,7 @@ class SGLangBackend(Backend):
             raise BackendError(f"SGLang server failed and was already restarted {self.restarts} times; last log lines:\n{log}")
         self.restarts += 1
         if self.server is not None:
-            pgid = self.server.process.pid if self.server.process is not None else None
-            self.server.stop(grace_s=5.0)
-            if pgid is not None:
-                _reap_group(pgid)
+            self.server.stop(grace_s=5.0)  # reaps the whole group: the GPU is free for the next one
         shutil.rmtree(self.adapter_root, ignore_errors=True)
         self._start_server()
 

@@ -166,7 +166,7 @@ class VLLMBackend(Backend):
     def _stop_server(self, grace_s: float = 20.0) -> None:
         """SIGTERM the API server alone first: it shuts its engine down and frees its shared
         memory (/dev/shm/psm_*); SIGTERM to the whole group at once kills vLLM's resource tracker
-        before it cleans up, leaking those files. Then the group stop for anything left."""
+        before it cleans up, leaking those files."""
         server = self.server
         if server is None:
             return
@@ -177,15 +177,7 @@ class VLLMBackend(Backend):
                 process.wait(timeout=grace_s)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-        server.stop(grace_s=5.0)
-        if process is not None:
-            # The group id is the leader's pid (start_new_session). ServerProcess.stop finds the
-            # group through the leader, so once the leader has exited it cannot see children
-            # left in the group: kill those here.
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        server.stop(grace_s=5.0)  # then the rest of the group, reaped until empty
         # A killed server (crash, SIGKILL) leaves its shared-memory files behind: remove ours.
         for path in self._shm_files:
             try:
