@@ -1,7 +1,6 @@
 """ServerProcess: start/health on 127.0.0.1, log tail on failure, and a stop that leaves nothing."""
 
 import os
-import signal
 import sys
 import time
 

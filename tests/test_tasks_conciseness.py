@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from eslora.config import TaskConfig
 from eslora.tasks import ConcisenessTask, Problem, Task, accuracy, make_task
 from eslora.tasks.conciseness import EVAL, QUESTIONS, TRAIN, contains_answer, length_reward
+from chatml import CHATML, chatml_tokenizer
 
 
 def test_question_list() -> None:
@@ -68,25 +69,8 @@ def test_train_problems_fixed_and_seeded() -> None:
     assert not {p.data["question"] for p in ev} & {q for q, _ in TRAIN}
 
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
-    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def _chatml_tokenizer(template: str | None):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    hf.chat_template = template
-    return hf
-
-
 def test_chat_prompts() -> None:
-    task = make_task(TaskConfig(name="conciseness", template="chat"), _chatml_tokenizer(CHATML))
+    task = make_task(TaskConfig(name="conciseness", template="chat"), chatml_tokenizer(CHATML))
     p = task.train_problems(0, 1)[0]
     assert p.prompt == f"<|im_start|>user\n{p.data['question']}<|im_end|>\n<|im_start|>assistant\n"
     plain = make_task(TaskConfig(name="conciseness", template="chat")).train_problems(0, 1)[0]

@@ -36,6 +36,7 @@ from eslora.tasks.countdown import (
     tinyzero_reward,
 )
 from eslora.tasks.expr import check_expression
+from chatml import CHATML, chatml_tokenizer
 
 NUMS, TARGET = [44, 19, 35], 98
 
@@ -266,25 +267,8 @@ def test_raw_prompt_is_the_es_paper_context() -> None:
         assert check_expression(row["solution"], row["numbers"], Fraction(row["target"]))
 
 
-def _chatml_tokenizer(template: str | None):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    hf.chat_template = template
-    return hf
-
-
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
-    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
 def test_chat_prompt_with_a_real_chat_template() -> None:
-    prompt = chat_prompt([1, 2, 3], 6, _chatml_tokenizer(CHATML))
+    prompt = chat_prompt([1, 2, 3], 6, chatml_tokenizer(CHATML))
     assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.")
     assert "<|im_start|>user\nUsing the numbers [1 2 3], create an equation that equals 6." in prompt
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\nLet me solve this step by step.\n<think>")
@@ -294,12 +278,12 @@ def test_chat_prompt_template_that_cannot_continue() -> None:
     strict = ("{% for message in messages %}{% if message['role'] == 'assistant' %}{{ raise_exception('no') }}"
               "{% endif %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
               "{% if add_generation_prompt %}assistant: {% endif %}")
-    prompt = chat_prompt([1, 2, 3], 6, _chatml_tokenizer(strict))
+    prompt = chat_prompt([1, 2, 3], 6, chatml_tokenizer(strict))
     assert prompt.endswith("\nassistant: " + ASSISTANT_PREFIX)
 
 
 def test_chat_prompt_fallback_without_template() -> None:
-    for tok in (None, _chatml_tokenizer(None)):
+    for tok in (None, chatml_tokenizer(None)):
         prompt = chat_prompt([1, 2, 3], 6, tok)
         assert prompt.startswith("You are a helpful assistant.")
         assert "\nUser: Using the numbers [1 2 3]" in prompt
