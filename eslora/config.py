@@ -20,7 +20,9 @@ class RunConfig:
     dir: str = "runs"  # parent folder of all runs
     generations: int = 10  # ES generations (one ask/evaluate/tell each)
     checkpoint_every: int = 5  # 0 = only at the end
-    eval_every: int = 0  # greedy held-out accuracy every N generations (0 = never)
+    # Greedy held-out scores every N generations, before the first and after the last (0 = never).
+    eval_every: int = 0
+    time_limit_min: float = 0.0  # stop after the generation that passes this wall time (0 = none)
 
 
 @dataclass
@@ -117,12 +119,19 @@ class BackendConfig:
 @dataclass
 class ClusterConfig:
     address: str = ""  # empty = embedded local Ray (ray.init() in-process); "auto" = running cluster
-    num_actors: int = 1  # evaluation actors (one per GPU on GPU backends)
+    # Evaluation actors; 0 = one per `gpus_per_actor` GPUs in the cluster (per `cpus_per_actor`
+    # CPUs on a CPU cluster), re-counted every generation so nodes that join get actors.
+    num_actors: int = 1
     gpus_per_actor: float = 0.0  # 1 for sglang/vllm-on-GPU
     cpus_per_actor: float = 1.0  # on CPU backends also the actor's torch threads
-    # Batches per actor call; a server backend loads batch k+1 while k generates within a call.
-    # 0 = each actor's whole share of a generation in one call (best overlap, coarse progress).
-    batches_per_call: int = 0
+    # Queue item size in batches of max_loras_per_batch members (0 = one equal share per actor).
+    batches_per_call: int = 1
+    # Calls each actor holds at once: with 2 a server backend loads the next call's adapters
+    # while the current call generates.
+    calls_in_flight: int = 2
+    actor_start_timeout_s: float = 1800.0  # an actor (and its server) not up by then is an error
+    max_actor_failures: int = 100  # lost actors per run before the driver gives up
+    max_call_retries: int = 3  # reruns of one call (after faults) before the driver gives up
 
 
 @dataclass
@@ -134,7 +143,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    resume: str = ""  # checkpoint file or run folder to resume from
+    resume: str = ""  # checkpoint file or run folder to resume from; "true" = this run's own folder
     adapter: str = ""  # `eslora eval`: PEFT adapter folder to score (empty = base model)
 
 
@@ -180,8 +189,10 @@ def validate(cfg: Config) -> None:
          "lora.target_modules must be simple module names (q_proj, ...); choose layers with lora.layers"),
         (cfg.backend.name in ("hf", "sglang", "vllm"), f"backend.name={cfg.backend.name!r}: use hf, sglang or vllm"),
         (1 <= cfg.backend.max_loras_per_batch, "backend.max_loras_per_batch must be >= 1"),
-        (cfg.cluster.num_actors >= 1, "cluster.num_actors must be >= 1"),
-        (cfg.cluster.batches_per_call >= 0, "cluster.batches_per_call must be >= 0 (0 = auto)"),
+        (cfg.cluster.num_actors >= 0, "cluster.num_actors must be >= 0 (0 = one per GPU / CPU slot in the cluster)"),
+        (cfg.cluster.batches_per_call >= 0, "cluster.batches_per_call must be >= 0 (0 = one share per actor)"),
+        (cfg.cluster.calls_in_flight >= 1, "cluster.calls_in_flight must be >= 1"),
+        (cfg.cluster.gpus_per_actor >= 0 and cfg.cluster.cpus_per_actor >= 0, "cluster.gpus_per_actor / cpus_per_actor must be >= 0"),
         (cfg.task.num_prompts >= 1, "task.num_prompts must be >= 1"),
         (cfg.task.max_new_tokens >= 1, "task.max_new_tokens must be >= 1"),
         (cfg.task.template in ("chat", "raw"), f"task.template={cfg.task.template!r}: use chat or raw"),

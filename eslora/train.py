@@ -5,7 +5,8 @@
 The driver holds the fp32 master adapter and optimizer state. Actors get a copy once at start;
 afterwards only seeds and scalars travel. Every generation appends one JSON line to
 `metrics.jsonl`; a checkpoint of the last finished generation is written on any exit, so an
-interrupted run loses at most the generation in flight and resumes with `resume=RUN_DIR`.
+interrupted run loses at most the generation in flight and resumes with `resume=true` (its own
+run folder) or `resume=RUN_DIR`.
 """
 
 from __future__ import annotations
@@ -49,19 +50,27 @@ def train(cfg: Config) -> Path:
     spec = LoraSpec.from_config(cfg.lora)
     es = initial_strategy(cfg, model_path, spec)
     if cfg.resume:
-        checkpoint = load_checkpoint(cfg.resume)
+        where = out if cfg.resume.lower() == "true" else Path(cfg.resume)
+        checkpoint = load_checkpoint(where)
         es.load_state_dict(checkpoint["es"])
-        print(f"resumed from {cfg.resume} at generation {es.generation}")
+        print(f"resumed from {where} at generation {es.generation}")
     _truncate_metrics(out / "metrics.jsonl", es.generation)
 
     num_params = sum(v.size for v in es.mean.values())
     print(
         f"eslora: model {model_path} | LoRA r={spec.r} on {len(es.mean) // 2} modules, {num_params:,} params | "
         f"population {cfg.es.population} x {cfg.task.num_prompts} prompts x {cfg.task.max_new_tokens} tokens | "
-        f"backend {cfg.backend.name}, {cfg.cluster.num_actors} actor(s) | run folder {out}"
+        f"backend {cfg.backend.name}, {cfg.cluster.num_actors or 'auto'} actor(s) | run folder {out}"
     )
     logger = MetricsLogger(out)
-    with ActorPool(cfg, model_path, es.state_dict()) as pool:
+    with ActorPool(cfg, model_path, es.state_dict) as pool:
+        initial_eval: dict[str, float] = {}
+        if cfg.run.eval_every and es.generation == 0:
+            # The initial mean has B = 0: this is the base model's held-out score, same problems.
+            score = pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
+            initial_eval = {f"eval_initial_{k}": v for k, v in score.parts.items()}
+            print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in score.parts.items()), flush=True)
+        deadline = time.monotonic() + 60 * cfg.run.time_limit_min if cfg.run.time_limit_min > 0 else float("inf")
         try:
             while es.generation < cfg.run.generations:
                 generation = es.generation
@@ -70,7 +79,7 @@ def train(cfg: Config) -> Path:
                 with tqdm(total=population.size, desc=f"gen {generation}", unit="member", leave=False) as bar:
                     result = pool.evaluate(population, on_batch=lambda r: bar.update(len(r.members)))
                 stats = es.tell(population, result.fitness)
-                drifted = pool.tell(population, result.fitness, es.fingerprint(), es.state_dict)
+                drifted = pool.tell(population, result.fitness, es.fingerprint())
                 record = {
                     "generation": generation,
                     "reward_mean": float(np.mean(result.fitness)),
@@ -84,16 +93,29 @@ def train(cfg: Config) -> Path:
                     **{k: float(v) for k, v in stats.items() if k.startswith(("grad", "update"))},
                     **{f"backend_{k}": float(v) for k, v in result.backend_stats.items()},
                     "replicas_resynced": drifted,
+                    # The queue: who did what, and what faults cost (docs/cluster.md).
+                    "actors": len(result.actors),
+                    "per_actor": result.actors,
+                    "calls_requeued": result.requeued,
+                    "actor_failures": result.failures,
+                    "driver_bytes_per_member": result.bytes_per_member,
+                    **initial_eval,
                 }
+                initial_eval = {}
                 if result.backend_stats.get("wall_s"):
                     # Share of backend time spent waiting for adapter hand-off (summed over actors).
                     record["backend_handoff_share"] = result.backend_stats.get("exposed_handoff_s", 0.0) / result.backend_stats["wall_s"]
-                if cfg.run.eval_every and (generation + 1) % cfg.run.eval_every == 0:
+                # The last generation (by count or by run.time_limit_min) is always scored.
+                last = generation + 1 >= cfg.run.generations or time.monotonic() >= deadline
+                if cfg.run.eval_every and ((generation + 1) % cfg.run.eval_every == 0 or last):
                     score = pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
                     record.update({f"eval_{k}": v for k, v in score.parts.items()})
                 logger.log(record)
                 if cfg.run.checkpoint_every and es.generation % cfg.run.checkpoint_every == 0:
                     save_checkpoint(out, es, cfg)
+                if last and es.generation < cfg.run.generations:
+                    print(f"run.time_limit_min={cfg.run.time_limit_min:g} reached after {es.generation} generations", flush=True)
+                    break
         finally:
             # Nothing lost on failure: the last finished generation is always on disk.
             save_checkpoint(out, es, cfg)
@@ -123,7 +145,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
         tensors = dict(adapter.tensors)
     es = initial_strategy(cfg, model_path, spec)
     started = time.perf_counter()
-    with ActorPool(cfg, model_path, es.state_dict()) as pool:
+    with ActorPool(cfg, model_path, es.state_dict) as pool:
         score = pool.score_adapter(tensors, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
     report = {
         "adapter": cfg.adapter or None,
@@ -191,9 +213,11 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, record["generation"])
             self.writer.flush()
         extra = "".join(f" {k[:-5]} {record[k]:.3f}" for k in ("answer_mean", "format_mean") if k in record)
+        faults = f" | {record['actor_failures']} actor(s) lost, {record['calls_requeued']} call(s) rerun" if record.get("actor_failures") else ""
         print(
             f"gen {record['generation']:4d} | reward mean {record['reward_mean']:.4f} max {record['reward_max']:.4f}"
-            f"{extra} | {record['seconds']:.1f} s | {record['tokens'] / max(record['seconds'], 1e-9):.0f} tok/s",
+            f"{extra} | {record['seconds']:.1f} s | {record['tokens'] / max(record['seconds'], 1e-9):.0f} tok/s"
+            f" | {record.get('actors', 1)} actor(s){faults}",
             flush=True,
         )
 
@@ -211,16 +235,33 @@ class MetricsLogger:
         import matplotlib.pyplot as plt
 
         gens = [r["generation"] for r in records]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(gens, [r["reward_mean"] for r in records], marker="o", label="population mean reward")
+        accuracy = any("answer_mean" in r for r in records)  # tasks with a correct/incorrect answer
+        fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(12 if accuracy else 7, 4), squeeze=False)
+        ax = axes[0][0]
+        marker = "o" if len(gens) <= 60 else None
+        ax.plot(gens, [r["reward_mean"] for r in records], marker=marker, label="population mean reward")
         ax.fill_between(gens, [r["reward_min"] for r in records], [r["reward_max"] for r in records], alpha=0.2, label="min-max")
-        if any("eval_reward" in r for r in records):
-            ev = [(r["generation"], r["eval_reward"]) for r in records if "eval_reward" in r]
-            ax.plot(*zip(*ev), marker="s", label="held-out reward (mean adapter)")
+
+        def held_out(key: str) -> list[tuple[float, float]]:
+            # eval_* is the mean after generation g's update (x = g + 1); eval_initial_* is x = 0.
+            points = [(0, r[f"eval_initial_{key}"]) for r in records if f"eval_initial_{key}" in r]
+            return points + [(r["generation"] + 1, r[f"eval_{key}"]) for r in records if f"eval_{key}" in r]
+
+        if held_out("reward"):
+            ax.plot(*zip(*held_out("reward")), marker="s", label="held-out reward (mean adapter, greedy)")
         ax.set_xlabel("generation")
         ax.set_ylabel("reward")
         ax.set_title(self.path.parent.name)
         ax.legend()
+        if accuracy:
+            ax = axes[0][1]
+            ax.plot(gens, [100 * r.get("answer_mean", 0.0) for r in records], marker=marker, label="population mean accuracy (train problems)")
+            if held_out("answer"):
+                xs, ys = zip(*held_out("answer"))
+                ax.plot(xs, [100 * y for y in ys], marker="s", label="held-out accuracy (mean adapter, greedy)")
+            ax.set_xlabel("generation")
+            ax.set_ylabel("accuracy (%)")
+            ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -9,7 +9,9 @@ the driver checks by fingerprint. The Ray layer (`eslora.cluster`) only moves th
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -42,6 +44,16 @@ class AdapterScore:
     parts: dict[str, float]  # mean of each reward part
     tokens: int
     samples: list[dict[str, Any]]  # a few (prompt, completion, scores) for people to read
+    problems: int = 0  # how many problems the means are over
+
+    @staticmethod
+    def combine(scores: Sequence["AdapterScore"]) -> "AdapterScore":
+        """One score from shards of a problem list (means weighted by problem count)."""
+        total = sum(s.problems for s in scores)
+        keys = scores[0].parts.keys()
+        parts = {k: float(sum(s.parts[k] * s.problems for s in scores) / max(total, 1)) for k in keys}
+        samples = [x for s in scores for x in s.samples][:3]
+        return AdapterScore(parts=parts, tokens=sum(s.tokens for s in scores), samples=samples, problems=total)
 
 
 class Worker:
@@ -56,6 +68,9 @@ class Worker:
         self.task = make_task(cfg.task, self.tokenizer)
         self.backend = backend or make_backend(cfg, model_path)
         self.backend.start()
+        # The actor may run two calls at once (cluster.calls_in_flight); backends that cannot
+        # serve concurrent generate() calls get them one at a time.
+        self._backend_lock = nullcontext() if self.backend.concurrent_calls else threading.Lock()
 
     # -- ES evaluation -------------------------------------------------------------------------
     def evaluate(self, population: Population, members: Sequence[int]) -> BatchResult:
@@ -74,7 +89,9 @@ class Worker:
             temperature=self.cfg.task.temperature,
             seed=population.seed,
         )
-        completions = self.backend.generate([p.prompt for p in problems], adapters, sampling)
+        with self._backend_lock:
+            completions = self.backend.generate([p.prompt for p in problems], adapters, sampling)
+            backend_stats = {k: float(v) for k, v in self.backend.stats.items() if isinstance(v, (int, float))}
         fitness, parts, tokens = [], [], []
         for member_completions in completions:
             scores = [self.task.score(p, c.text) for p, c in zip(problems, member_completions)]
@@ -89,7 +106,7 @@ class Worker:
             parts=parts,
             tokens=tokens,
             seconds=time.perf_counter() - started,
-            backend_stats={k: float(v) for k, v in self.backend.stats.items() if isinstance(v, (int, float))},
+            backend_stats=backend_stats,
         )
 
     def tell(self, population: Population, fitness: Sequence[float]) -> str:
@@ -107,24 +124,34 @@ class Worker:
 
     # -- scoring a fixed adapter (eval) ------------------------------------------------------
     def score_adapter(
-        self, tensors: Optional[Mapping[str, np.ndarray]], split: str, num_problems: int, max_new_tokens: int
+        self,
+        tensors: Optional[Mapping[str, np.ndarray]],
+        split: str,
+        num_problems: int,
+        max_new_tokens: int,
+        shard: tuple[int, int] = (0, 1),
     ) -> AdapterScore:
-        """Greedy scores of one adapter (None = base model) on held-out or training problems."""
+        """Greedy scores of one adapter (None = base model) on held-out or training problems;
+        `shard=(i, n)` scores problems i, i+n, i+2n, ... (several actors share one list)."""
         problems: list[Problem]
         if split == "eval":
             problems = self.task.eval_problems(num_problems)
         else:
             problems = self.task.train_problems(0, num_problems)
+        problems = problems[shard[0]::shard[1]]
         adapter = None if tensors is None else Adapter(name="scored", spec=self.spec, tensors=dict(tensors))
-        completions = self.backend.generate(
-            [p.prompt for p in problems], [adapter], Sampling(max_new_tokens=max_new_tokens)
-        )[0]
+        with self._backend_lock:
+            completions = self.backend.generate(
+                [p.prompt for p in problems], [adapter], Sampling(max_new_tokens=max_new_tokens)
+            )[0]
         scores = [self.task.score(p, c.text) for p, c in zip(problems, completions)]
         samples = [
             {"prompt": p.prompt[-300:], "completion": c.text, **s}
             for p, c, s in list(zip(problems, completions, scores))[:3]
         ]
-        return AdapterScore(parts=_mean_parts(scores), tokens=sum(c.num_tokens for c in completions), samples=samples)
+        return AdapterScore(
+            parts=_mean_parts(scores), tokens=sum(c.num_tokens for c in completions), samples=samples, problems=len(problems)
+        )
 
     def stop(self) -> None:
         self.backend.stop()

@@ -65,3 +65,31 @@ def test_failed_start_shows_log_tail(tmp_path):
     server = ServerProcess(cmd, port=port, log_dir=str(tmp_path), name="broken")
     with pytest.raises(BackendError, match="code 3(.|\\n)*model folder is broken"):
         server.start(timeout_s=30)
+
+
+def test_server_dies_with_its_owner(tmp_path):
+    """An owner killed with SIGKILL (a Ray actor under ray.kill) cannot stop its server; the
+    watchdog must end the server's whole group (here with a SIGTERM-ignoring child) on its own."""
+    import signal
+    import subprocess
+
+    port = free_port()
+    owner_script = tmp_path / "owner.py"
+    owner_script.write_text(
+        "import sys, time\n"
+        "from eslora.backends.server import ServerProcess\n"
+        f"s = ServerProcess({http_server(port, tmp_path, True)!r}, port={port}, log_dir={str(tmp_path)!r})\n"
+        "s.start(timeout_s=30)\n"
+        "print(s.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, str(owner_script)], stdout=subprocess.PIPE, text=True)
+    pgid = int(owner.stdout.readline())
+    time.sleep(0.5)
+    assert group_alive(pgid)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(pgid), "the server outlived the process that started it"

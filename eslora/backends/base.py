@@ -43,6 +43,9 @@ class Backend(ABC):
     # Totals of the last `generate` call as plain numbers (seconds, counts), e.g.
     # {"load_s": .., "generate_s": ..}; the driver sums them over actors and logs them.
     stats: dict[str, float] = {}
+    # True if two threads may call generate() at once (the numbers in `stats` are then the
+    # calling thread's own); otherwise callers serialise.
+    concurrent_calls: bool = False
 
     def start(self) -> None:
         """Load the model / start the server. Idempotent."""

@@ -1,7 +1,9 @@
 """A local inference server as a child process: start on 127.0.0.1, wait for health, stop.
 
 Shared by the SGLang and vLLM backends. The server runs in its own process group so that
-stopping it also stops the workers it spawned (SGLang's scheduler, vLLM's engine core).
+stopping it also stops the workers it spawned (SGLang's scheduler, vLLM's engine core), under a
+small watchdog (`watchdog.py`) that stops the group if the process that started it dies without
+stopping it (a Ray actor killed with SIGKILL).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections import deque
@@ -63,9 +66,8 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         env = {**os.environ, **(self.env or {})}
-        self.process = subprocess.Popen(
-            self.command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        watched = [sys.executable, str(Path(__file__).with_name("watchdog.py")), str(os.getpid()), "--", *self.command]
+        self.process = subprocess.Popen(watched, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         deadline = started + timeout_s
         while time.monotonic() < deadline:

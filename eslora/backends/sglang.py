@@ -10,6 +10,8 @@ A generation's members are cut into batches of at most `max_loras_per_batch`. Wh
 generates, a single hand-off thread writes and loads batch k+1 and unloads batch k-1, so the
 server holds at most two batches' adapters in CPU memory (what `--max-loaded-loras 2N` allows
 with `--enable-lora-overlap-loading`) and its GPU pool of N slots evicts finished adapters.
+Two threads may call `generate` at once (the Ray actor's next call): their loads queue on the
+same hand-off thread, so the second call's adapters load while the first call generates.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def check_adapter_spec(spec: LoraSpec, max_rank: int, server_modules: Sequence[s
 class SGLangBackend(Backend):
     """Multi-LoRA generation on one SGLang server that this object starts, pins and stops."""
 
+    concurrent_calls = True
+
     def __init__(self, cfg, model_path: str) -> None:
         self.cfg = cfg
         self.model_path = str(model_path)
@@ -114,15 +118,16 @@ class SGLangBackend(Backend):
         self.restarts = 0
         self._counter = 0
         self._lock = threading.Lock()
+        self._restart_lock = threading.Lock()
+        self._local = threading.local()  # each calling thread's own last-call stats
         self._handoff: Optional[ThreadPoolExecutor] = None
         self.self_check_outputs: list[str] = []
         # Running totals in seconds (hand-off ones are added from the hand-off thread).
         self.totals: dict[str, float] = {k: 0.0 for k in ("write_s", "load_s", "unload_s", "generate_s", "server_start_s", "self_check_s")}
         self.start_seconds: list[float] = []  # every server start, restarts included
         self.history: list[dict[str, float]] = []  # one record per generate() call (bench/ reads it)
-        # The last generate() call's record, floats only: the driver sums it over actors and logs it.
-        self.stats: dict[str, float] = {}
         self._reported_start_s = 0.0
+        self._unreported_unload_s = 0.0  # unloads finish on the hand-off thread after their call
         self._shapes: Optional[dict[str, tuple[int, ...]]] = None
         self.loaded_count = 0  # adapters loaded so far (tests watch it to crash a server mid-batch)
 
@@ -135,11 +140,12 @@ class SGLangBackend(Backend):
 
     def start(self) -> None:
         """First start + self-check. Idempotent; a server that died later is replaced by `restart`."""
-        if self.server is not None:
-            return
-        check_adapter_spec(self.spec, self.max_lora_rank, self.target_modules, where="lora config")
-        self._start_server()
-        self._self_check()
+        with self._restart_lock:
+            if self.server is not None:
+                return
+            check_adapter_spec(self.spec, self.max_lora_rank, self.target_modules, where="lora config")
+            self._start_server()
+            self._self_check()
 
     def _start_server(self) -> None:
         self.adapter_root.mkdir(parents=True, exist_ok=True)
@@ -179,16 +185,28 @@ class SGLangBackend(Backend):
             self.server = None
         shutil.rmtree(self.adapter_root, ignore_errors=True)
 
-    def restart(self) -> None:
-        """Replace a dead (or hung) server with a fresh one; counts against backend.max_restarts."""
-        if self.restarts >= self.max_restarts:
-            log = self.server.log_tail() if self.server is not None else "(no server)"
-            raise BackendError(f"SGLang server failed and was already restarted {self.restarts} times; last log lines:\n{log}")
-        self.restarts += 1
-        if self.server is not None:
-            self.server.stop(grace_s=5.0)  # reaps the whole group: the GPU is free for the next one
-        shutil.rmtree(self.adapter_root, ignore_errors=True)
-        self._start_server()
+    @property
+    def stats(self) -> dict[str, float]:  # type: ignore[override]
+        """The calling thread's last generate() record, floats only: the driver sums it over actors."""
+        return getattr(self._local, "stats", {})
+
+    def restart(self, failed: Optional[ServerProcess] = None) -> None:
+        """Replace the server `failed` (the one the caller saw die or hang, None = none was up)
+        with a fresh one; counts against backend.max_restarts. If another thread has replaced
+        it already, return: the caller retries on the new one."""
+        with self._restart_lock:
+            if self.server is not None and self.server is not failed:
+                return
+            if self.restarts >= self.max_restarts:
+                log = self.server.log_tail() if self.server is not None else "(no server)"
+                raise BackendError(f"SGLang server failed and was already restarted {self.restarts} times; last log lines:\n{log}")
+            self.restarts += 1
+            if self.server is not None:
+                # Reaps the whole group, so the GPU is free for the next one. self.server keeps
+                # pointing at the dead one until replaced: a concurrent call fails on it and waits here.
+                self.server.stop(grace_s=5.0)
+            shutil.rmtree(self.adapter_root, ignore_errors=True)
+            self._start_server()
 
     # ------------------------------------------------------------------ HTTP
     def _post(self, path: str, payload: dict, timeout: Optional[float] = None) -> Any:
@@ -224,8 +242,9 @@ class SGLangBackend(Backend):
                 tensors[key] = (scale * rng.standard_normal(shape)).astype(np.float32)
         return Adapter(name=name, spec=self.spec, tensors=tensors)
 
-    def _load_batch(self, adapters: Sequence[Adapter]) -> list[str]:
-        """Write and load one batch; returns the server-side names. Runs on the hand-off thread."""
+    def _load_batch(self, adapters: Sequence[Adapter], timing: Optional[dict[str, float]] = None) -> list[str]:
+        """Write and load one batch; returns the server-side names. Runs on the hand-off thread.
+        `timing` (the calling generate()'s own record) gets write_s / load_s added."""
         names = []
         with self._lock:
             base = self._counter
@@ -244,6 +263,9 @@ class SGLangBackend(Backend):
             t2 = time.perf_counter()
             self._add("write_s", t1 - t0)
             self._add("load_s", t2 - t1)
+            if timing is not None:
+                timing["write_s"] += t1 - t0
+                timing["load_s"] += t2 - t1
             names.append(name)
             self.loaded_count += 1
         return names
@@ -255,12 +277,16 @@ class SGLangBackend(Backend):
                 self._post("/unload_lora_adapter", {"lora_name": name})
             except (ServerCrashed, BackendError):
                 pass  # a dead server holds nothing; a restart starts clean
-            self._add("unload_s", time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self._add("unload_s", seconds)
+            with self._lock:
+                self._unreported_unload_s += seconds
             shutil.rmtree(self.adapter_root / name, ignore_errors=True)
 
     # ------------------------------------------------------------------ generation
     def _generate_request(
-        self, prompts: Sequence[str], names: Sequence[Optional[str]], sampling: Sampling
+        self, prompts: Sequence[str], names: Sequence[Optional[str]], sampling: Sampling,
+        timing: Optional[dict[str, float]] = None,
     ) -> list[list[Completion]]:
         """ONE native /generate request: every prompt under every name; returns out[name][prompt]."""
         texts = [p for _ in names for p in prompts]
@@ -277,6 +303,8 @@ class SGLangBackend(Backend):
         t0 = time.perf_counter()
         result = self._post("/generate", payload)
         self._add("generate_s", time.perf_counter() - t0)
+        if timing is not None:
+            timing["generate_s"] += time.perf_counter() - t0
         if isinstance(result, dict):
             result = [result]
         if len(result) != len(texts):
@@ -297,12 +325,12 @@ class SGLangBackend(Backend):
         lora_idx = [i for i, a in enumerate(adapters) if a is not None]
         n = self.max_loras_per_batch
         batches = [lora_idx[k:k + n] for k in range(0, len(lora_idx), n)]
-        before = dict(self.totals)
+        timing = {"write_s": 0.0, "load_s": 0.0, "generate_s": 0.0}
         wall0 = time.perf_counter()
         waited = 0.0
 
         if base_idx:  # base-model requests go in their own server batch
-            rows = self._with_restarts(lambda: self._generate_request(prompts, [None] * len(base_idx), sampling))
+            rows = self._with_restarts(lambda: self._generate_request(prompts, [None] * len(base_idx), sampling, timing))
             for i, row in zip(base_idx, rows):
                 out[i] = row
 
@@ -311,18 +339,19 @@ class SGLangBackend(Backend):
                 self._handoff = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eslora-handoff")
             # The first load also goes through the hand-off thread, queued behind the previous
             # call's last unload, so the server never holds more than two batches.
-            pending: Optional[Future] = self._handoff.submit(self._load_batch, [adapters[i] for i in batches[0]])
+            pending: Optional[Future] = self._handoff.submit(self._load_batch, [adapters[i] for i in batches[0]], timing)
             k = 0
             while k < len(batches):
                 batch = [adapters[i] for i in batches[k]]
+                server = self.server
                 try:
                     t0 = time.perf_counter()
-                    names = pending.result() if pending is not None else self._load_batch(batch)
+                    names = pending.result() if pending is not None else self._load_batch(batch, timing)
                     waited += time.perf_counter() - t0
                     pending = None
                     if k + 1 < len(batches):  # overlap: next batch loads while this one generates
-                        pending = self._handoff.submit(self._load_batch, [adapters[i] for i in batches[k + 1]])
-                    rows = self._generate_request(prompts, names, sampling)
+                        pending = self._handoff.submit(self._load_batch, [adapters[i] for i in batches[k + 1]], timing)
+                    rows = self._generate_request(prompts, names, sampling, timing)
                     # Unload on the hand-off thread, queued after the next load: at most 2 batches resident.
                     self._handoff.submit(self._unload, names)
                 except ServerCrashed:
@@ -332,14 +361,16 @@ class SGLangBackend(Backend):
                         except Exception:
                             pass
                         pending = None
-                    self.restart()
+                    self.restart(failed=server)
                     continue  # rerun batch k on the fresh server: same inputs, greedy -> same outputs
                 for i, row in zip(batches[k], rows):
                     out[i] = row
                 k += 1
 
         wall = time.perf_counter() - wall0
-        delta = {k: self.totals[k] - before[k] for k in self.totals}
+        with self._lock:
+            unload_s, self._unreported_unload_s = self._unreported_unload_s, 0.0
+            start_s, self._reported_start_s = self.totals["server_start_s"] - self._reported_start_s, self.totals["server_start_s"]
         tokens = sum(c.num_tokens for row in out if row is not None for c in row)
         record = {
             "wall_s": wall,
@@ -348,22 +379,22 @@ class SGLangBackend(Backend):
             "batches": float(len(batches) + (1 if base_idx else 0)),
             "tokens": float(tokens),
             "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-            "generate_s": delta["generate_s"],
-            # Hand-off work done during this call (on the hand-off thread, mostly hidden).
-            "write_s": delta["write_s"],
-            "load_s": delta["load_s"],
-            "unload_s": delta["unload_s"],
+            "generate_s": timing["generate_s"],
+            # Hand-off work of this call (on the hand-off thread, mostly hidden); unloads finish
+            # after their call, so each call reports those done since the previous report.
+            "write_s": timing["write_s"],
+            "load_s": timing["load_s"],
+            "unload_s": unload_s,
             # Hand-off time the caller actually waited for (not hidden behind a generate request).
             "exposed_handoff_s": waited,
             "handoff_share": waited / wall if wall > 0 else 0.0,
             # Server starts (first start, self-check, restarts) since the previous call.
-            "server_start_s": self.totals["server_start_s"] - self._reported_start_s,
+            "server_start_s": start_s,
             "restarts": float(self.restarts),
         }
-        self._reported_start_s = self.totals["server_start_s"]
         self.history.append(record)
         # Only additive numbers go to the driver (summed over actors); ratios stay in history.
-        self.stats = {k: v for k, v in record.items() if k not in ("tokens_per_s", "handoff_share")}
+        self._local.stats = {k: v for k, v in record.items() if k not in ("tokens_per_s", "handoff_share", "restarts")}
         return out  # type: ignore[return-value]
 
     def _add(self, key: str, seconds: float) -> None:
@@ -372,10 +403,11 @@ class SGLangBackend(Backend):
 
     def _with_restarts(self, fn):
         while True:
+            server = self.server
             try:
                 return fn()
             except ServerCrashed:
-                self.restart()
+                self.restart(failed=server)
 
     # ------------------------------------------------------------------ self-check
     def _self_check(self) -> None:

@@ -2,22 +2,40 @@
 
 Moves work and results only: a `Population` (seeds and scalars) and member indices go out,
 `BatchResult`s (scalars) come back through the object store and are put back by member index.
-Members are grouped into fixed batches (members [0, K), [K, 2K), ... for K =
+
+A generation's members are cut into fixed batches (members [0, K), [K, 2K), ... for K =
 backend.max_loras_per_batch), so what a member is scored with never depends on which actor ran
-it or in which order results arrive.
+it. The batches are a queue: each actor holds up to `cluster.calls_in_flight` calls and takes the
+next batch as one finishes, so fast actors take more and actors that join mid-run get work. A
+call whose actor dies, or whose backend fails past its restarts, goes back to the queue and the
+actor is replaced by a fresh one built from the driver's current ES state: a fault costs time,
+never a member.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import pickle
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 
+from eslora.backends.base import BackendError
 from eslora.config import Config
 from eslora.es import Population
 from eslora.worker import AdapterScore, BatchResult, Worker
+
+EsState = Callable[[], Mapping[str, Any]]  # the driver's current ES state (EvolutionStrategy.state_dict)
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run what the config asks for (no such resource, no actor left, ...)."""
 
 
 def start_local_ray(**kwargs: Any) -> None:
@@ -42,6 +60,11 @@ class EvalActor:
             torch.set_num_threads(threads)
         self.worker = Worker(cfg, model_path, es_state)
 
+    def ready(self) -> dict[str, Any]:
+        """Where this actor runs and which generation its ES replica is at."""
+        context = ray.get_runtime_context()
+        return {"node": context.get_node_id(), "pid": os.getpid(), "generation": self.worker.es.generation}
+
     def evaluate(self, population: Population, batches: Sequence[Sequence[int]]) -> list[BatchResult]:
         # All batches of one call go to the backend at once, so a server backend can load the
         # next batch's adapters while the current one generates.
@@ -55,8 +78,8 @@ class EvalActor:
     def load_state(self, es_state: Mapping[str, Any]) -> str:
         return self.worker.load_state(es_state)
 
-    def score_adapter(self, tensors, split: str, num_problems: int, max_new_tokens: int) -> AdapterScore:
-        return self.worker.score_adapter(tensors, split, num_problems, max_new_tokens)
+    def score_adapter(self, tensors, split: str, num_problems: int, max_new_tokens: int, shard: tuple[int, int]) -> AdapterScore:
+        return self.worker.score_adapter(tensors, split, num_problems, max_new_tokens, shard=shard)
 
     def stop(self) -> None:
         self.worker.stop()
@@ -68,91 +91,326 @@ class GenerationResult:
     parts: list[dict[str, float]]  # per member
     tokens: int
     backend_stats: dict[str, float]
+    actors: list[dict[str, Any]] = field(default_factory=list)  # per actor: members, tokens, busy_s, ...
+    requeued: int = 0  # calls put back in the queue after a fault
+    failures: int = 0  # actors lost during this generation
+    bytes_per_member: float = 0.0  # driver <-> actor payload (pickled), both ways, per member
+
+
+@dataclass
+class _Slot:
+    """One actor as the pool sees it."""
+
+    handle: Any
+    name: str
+    node: str = ""
+    generation: int = -1  # of its ES replica
+    inflight: int = 0
 
 
 class ActorPool:
-    """Driver side: starts `cluster.num_actors` actors and spreads fixed member batches over them."""
+    """Driver side: starts the actors, feeds them a queue of member batches, replaces lost ones."""
 
-    def __init__(self, cfg: Config, model_path: str, es_state: Mapping[str, Any]) -> None:
+    def __init__(self, cfg: Config, model_path: str, es_state: EsState) -> None:
         self.cfg = cfg
+        self.model_path = model_path
+        self._es_state = es_state
+        self._state_ref: Optional[tuple[str, Any]] = None  # (fingerprint, object ref)
         if not ray.is_initialized():
             if cfg.cluster.address:
                 ray.init(address=cfg.cluster.address, log_to_driver=True)
             else:
                 start_local_ray()
-        threads = max(1, int(cfg.cluster.cpus_per_actor)) if cfg.cluster.gpus_per_actor == 0 else 0
-        runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, threads))}}
-        actor_cls = ray.remote(EvalActor).options(
-            num_cpus=cfg.cluster.cpus_per_actor,
-            num_gpus=cfg.cluster.gpus_per_actor,
-            max_restarts=0,
+        c = cfg.cluster
+        self._threads = max(1, int(c.cpus_per_actor)) if c.gpus_per_actor == 0 else 0
+        runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, self._threads))}}
+        self._actor_cls = ray.remote(EvalActor).options(
+            num_cpus=c.cpus_per_actor,
+            num_gpus=c.gpus_per_actor,
+            max_restarts=0,  # the pool replaces a lost actor itself, from the current ES state
+            max_concurrency=c.calls_in_flight,  # the next call's adapters load while one generates
             runtime_env=runtime_env,
+            scheduling_strategy="SPREAD",  # across nodes, so a population scales with them
         )
-        state_ref = ray.put(dict(es_state))  # once, at start; afterwards only seeds and scalars
-        self.actors = [actor_cls.remote(cfg, model_path, state_ref, threads) for _ in range(cfg.cluster.num_actors)]
-        self._state_ref = state_ref
+        self.slots: list[_Slot] = []
+        self._starting: dict[Any, _Slot] = {}  # ready() ref -> actor being started
+        self._started = 0
+        self.failures = 0
+        target = self.target_actors()
+        self._check_resources(target)
+        for _ in range(target):
+            self._start_actor()
+        self._wait_for_start(all_of_them=True)
 
+    # -- actors -----------------------------------------------------------------------------
+    def target_actors(self) -> int:
+        """`cluster.num_actors`, or with 0 one actor per `gpus_per_actor` GPUs (or per
+        `cpus_per_actor` CPUs on a CPU backend) that the cluster has now."""
+        c = self.cfg.cluster
+        if c.num_actors > 0:
+            return c.num_actors
+        resources = ray.cluster_resources()
+        if c.gpus_per_actor > 0:
+            return int(resources.get("GPU", 0) // c.gpus_per_actor)
+        return int(resources.get("CPU", 0) // max(c.cpus_per_actor, 1e-9))
+
+    def _check_resources(self, count: int) -> None:
+        c = self.cfg.cluster
+        have = ray.cluster_resources()
+        summary = ", ".join(f"{k} {v:g}" for k, v in sorted(have.items()) if "_group_" not in k and not k.startswith("node:"))
+        for key, per_actor, name in (("GPU", c.gpus_per_actor, "gpus_per_actor"), ("CPU", c.cpus_per_actor, "cpus_per_actor")):
+            need = per_actor * max(count, 1)
+            if per_actor > 0 and have.get(key, 0) < need:
+                raise ClusterError(
+                    f"cluster.{name}={per_actor:g} x {max(count, 1)} actor(s) needs {need:g} {key}, but the Ray cluster has "
+                    f"{have.get(key, 0):g} (resources: {summary}). "
+                    + ("Run on GPU nodes, or use backend.name=hf with cluster.gpus_per_actor=0."
+                       if key == "GPU" else "Lower cluster.num_actors / cluster.cpus_per_actor, or add nodes.")
+                )
+
+    def _current_state(self) -> Any:
+        state = self._es_state()
+        if self._state_ref is None or self._state_ref[0] != state["fingerprint"]:
+            self._state_ref = (state["fingerprint"], ray.put(dict(state)))
+        return self._state_ref[1]
+
+    def _start_actor(self) -> None:
+        self._started += 1
+        handle = self._actor_cls.remote(self.cfg, self.model_path, self._current_state(), self._threads)
+        slot = _Slot(handle=handle, name=f"actor{self._started}")
+        self._starting[handle.ready.remote()] = slot
+
+    def _join(self, ref: Any) -> None:
+        """An actor finished starting: take it into the pool (or count its failure)."""
+        slot = self._starting.pop(ref)
+        try:
+            info = ray.get(ref)
+        except (RayActorError, RayTaskError) as err:
+            if not self.slots and not self._starting and self.failures == 0:
+                # Nothing ever started: a config or environment error, not a fault to ride out.
+                raise ClusterError(f"{slot.name} failed to start: {_brief(err)}") from err
+            self._lost(slot, err, replace=True)
+            return
+        slot.node, slot.generation = info["node"], info["generation"]
+        self.slots.append(slot)
+
+    def _wait_for_start(self, all_of_them: bool) -> None:
+        """Block until every (or at least one) starting actor is up; bounded by actor_start_timeout_s."""
+        deadline = time.monotonic() + self.cfg.cluster.actor_start_timeout_s
+        while self._starting and (all_of_them or not self.slots):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                have = ray.available_resources()
+                raise ClusterError(
+                    f"{len(self._starting)} actor(s) not started after {self.cfg.cluster.actor_start_timeout_s:.0f} s "
+                    f"(each needs {self.cfg.cluster.gpus_per_actor:g} GPU, {self.cfg.cluster.cpus_per_actor:g} CPU; "
+                    f"available now: {_resources(have)}); raise cluster.actor_start_timeout_s or free resources"
+                )
+            done, _ = ray.wait(list(self._starting), num_returns=1, timeout=min(left, 5.0))
+            for ref in done:
+                self._join(ref)
+
+    def _poll_started(self) -> None:
+        if self._starting:
+            done, _ = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=0)
+            for ref in done:
+                self._join(ref)
+
+    def _grow(self) -> None:
+        """With cluster.num_actors=0, start actors for GPUs (CPUs) that joined the cluster."""
+        if self.cfg.cluster.num_actors == 0:
+            for _ in range(self.target_actors() - len(self.slots) - len(self._starting)):
+                self._start_actor()
+
+    def _lost(self, slot: _Slot, err: BaseException, replace: bool) -> None:
+        """Drop a dead or broken actor; start a fresh one in its place."""
+        if slot in self.slots:
+            self.slots.remove(slot)
+        try:
+            ray.kill(slot.handle, no_restart=True)
+        except Exception:
+            pass  # already gone
+        self.failures += 1
+        print(f"eslora: {slot.name} (node {slot.node[:8] or '?'}) lost: {_brief(err)}", file=sys.stderr, flush=True)
+        if self.failures > self.cfg.cluster.max_actor_failures:
+            raise ClusterError(
+                f"{self.failures} actor failures in this run, more than cluster.max_actor_failures="
+                f"{self.cfg.cluster.max_actor_failures}; last: {_brief(err)}"
+            ) from err
+        if replace:
+            self._start_actor()
+
+    def _sync(self, slot: _Slot, generation: int) -> None:
+        """A replica that is not at `generation` (e.g. started before the last update) loads the driver's state."""
+        if slot.generation != generation:
+            ray.get(slot.handle.load_state.remote(self._current_state()))
+            slot.generation = generation
+
+    # -- one generation -----------------------------------------------------------------------
     def batches(self, population: Population) -> list[list[int]]:
         size = self.cfg.backend.max_loras_per_batch
         members = list(population.members())
         return [members[i : i + size] for i in range(0, len(members), size)]
 
-    def evaluate(self, population: Population, on_batch: Optional[Callable[[BatchResult], None]] = None) -> GenerationResult:
-        """Score every member; `on_batch` is called as each batch's result arrives (progress)."""
+    def calls(self, population: Population, members: Optional[Sequence[int]] = None) -> list[list[list[int]]]:
+        """The queue's items: `cluster.batches_per_call` consecutive batches each (0 = an equal share per actor)."""
         batches = self.batches(population)
-        batches_per_call = self.cfg.cluster.batches_per_call or -(-len(batches) // len(self.actors))
-        # Fixed assignment: call j holds consecutive batches; calls are dealt to actors in turn.
-        calls = [batches[i : i + batches_per_call] for i in range(0, len(batches), batches_per_call)]
-        pending = {
-            self.actors[j % len(self.actors)].evaluate.remote(population, call): call for j, call in enumerate(calls)
-        }
+        if members is not None:
+            wanted = set(members)
+            batches = [kept for kept in ([m for m in b if m in wanted] for b in batches) if kept]
+        per_call = self.cfg.cluster.batches_per_call or -(-len(batches) // max(1, len(self.slots)))
+        return [batches[i : i + per_call] for i in range(0, len(batches), per_call)]
+
+    def evaluate(
+        self,
+        population: Population,
+        on_batch: Optional[Callable[[BatchResult], None]] = None,
+        members: Optional[Sequence[int]] = None,
+    ) -> GenerationResult:
+        """Score every member (or only `members`; the others' fitness is NaN); `on_batch` is
+        called as each batch's result arrives (progress)."""
+        self._grow()
+        self._poll_started()
+        if not self.slots:
+            self._wait_for_start(all_of_them=False)
+        calls = self.calls(population, members)
+        queue = deque(range(len(calls)))
+        attempts = [0] * len(calls)
+        inflight: dict[Any, tuple[_Slot, int]] = {}
         fitness = np.full(population.size, np.nan)
         parts: list[dict[str, float]] = [{} for _ in range(population.size)]
         tokens = 0
         stats: dict[str, float] = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+        per_actor: dict[str, dict[str, Any]] = {}
+        payload_bytes = 0
+        requeued = 0
+        failures_before = self.failures
+        limit = self.cfg.cluster.calls_in_flight
+        while queue or inflight:
+            self._poll_started()
+            for slot in list(self.slots):
+                while queue and slot.inflight < limit and slot in self.slots:
+                    try:
+                        self._sync(slot, population.generation)
+                    except (RayActorError, RayTaskError) as err:
+                        self._lost(slot, err, replace=True)
+                        break
+                    index = queue.popleft()
+                    payload_bytes += len(pickle.dumps((population, calls[index])))
+                    inflight[slot.handle.evaluate.remote(population, calls[index])] = (slot, index)
+                    slot.inflight += 1
+            if not inflight:
+                if not self.slots and not self._starting:
+                    raise ClusterError("no evaluation actor left and none could be started")
+                self._wait_for_start(all_of_them=False)
+                continue
+            done, _ = ray.wait(list(inflight) + list(self._starting), num_returns=1)
             for ref in done:
-                pending.pop(ref)
-                for result in ray.get(ref):
+                if ref in self._starting:
+                    self._join(ref)
+                    continue
+                slot, index = inflight.pop(ref)
+                slot.inflight -= 1
+                try:
+                    results = ray.get(ref)
+                except (RayActorError, RayTaskError) as err:
+                    # The actor died, or its backend failed past its own restarts: rerun the call
+                    # elsewhere (same batch, same inputs) and replace the actor. Any other error
+                    # in the actor is a bug or a bad input, and rerunning would repeat it.
+                    if isinstance(err, RayTaskError) and not isinstance(err.cause, BackendError):
+                        raise err.as_instanceof_cause() from None
+                    attempts[index] += 1
+                    if attempts[index] > self.cfg.cluster.max_call_retries:
+                        raise ClusterError(
+                            f"members {[m for b in calls[index] for m in b]} failed {attempts[index]} times; last: {_brief(err)}"
+                        ) from err
+                    queue.appendleft(index)
+                    requeued += 1
+                    if slot in self.slots:
+                        self._lost(slot, err, replace=True)
+                    continue
+                payload_bytes += len(pickle.dumps(results))
+                record = per_actor.setdefault(slot.name, {"actor": slot.name, "node": slot.node[:8], "members": 0, "tokens": 0, "busy_s": 0.0})
+                for result in results:
                     if result.generation != population.generation:
                         raise RuntimeError(f"stale result for generation {result.generation}")
                     for member, value, part in zip(result.members, result.fitness, result.parts):
                         fitness[member] = value
                         parts[member] = part
                     tokens += sum(result.tokens)
+                    record["members"] += len(result.members)
+                    record["tokens"] += sum(result.tokens)
+                    record["busy_s"] += result.seconds
                     for key, value in result.backend_stats.items():
                         stats[key] = stats.get(key, 0.0) + value
                     if on_batch is not None:
                         on_batch(result)
-        missing = np.flatnonzero(np.isnan(fitness))
+        scored = np.arange(population.size) if members is None else np.asarray(sorted(set(members)), dtype=int)
+        missing = scored[np.isnan(fitness[scored])]
         if missing.size:
             raise RuntimeError(f"no fitness for members {missing.tolist()}")
-        return GenerationResult(fitness=fitness, parts=parts, tokens=tokens, backend_stats=stats)
+        return GenerationResult(
+            fitness=fitness, parts=parts, tokens=tokens, backend_stats=stats,
+            actors=sorted(per_actor.values(), key=lambda r: r["actor"]),
+            requeued=requeued, failures=self.failures - failures_before,
+            bytes_per_member=payload_bytes / max(1, len(scored)),
+        )
 
-    def tell(self, population: Population, fitness: np.ndarray, fingerprint: str, es_state: Callable[[], Mapping]) -> int:
+    def tell(self, population: Population, fitness: np.ndarray, fingerprint: str) -> int:
         """Replay the update on every replica; resync any that drifted. Returns how many drifted."""
-        prints = ray.get([actor.tell.remote(population, fitness.tolist()) for actor in self.actors])
-        drifted = [actor for actor, fp in zip(self.actors, prints) if fp != fingerprint]
-        if drifted:
-            state_ref = ray.put(dict(es_state()))
-            again = ray.get([actor.load_state.remote(state_ref) for actor in drifted])
-            if any(fp != fingerprint for fp in again):
-                raise RuntimeError("actor replica still differs from the driver after resync")
-        return len(drifted)
+        calls = [(slot, slot.handle.tell.remote(population, fitness.tolist())) for slot in self.slots]
+        drifted = 0
+        for slot, ref in calls:
+            try:
+                fp = ray.get(ref)
+            except (RayActorError, RayTaskError) as err:
+                self._lost(slot, err, replace=True)
+                continue
+            slot.generation = population.generation + 1
+            if fp != fingerprint:
+                drifted += 1
+                again = ray.get(slot.handle.load_state.remote(self._current_state()))
+                if again != fingerprint:
+                    raise RuntimeError(f"{slot.name}'s ES replica still differs from the driver after resync")
+        return drifted
 
     def score_adapter(self, tensors, split: str, num_problems: int, max_new_tokens: int) -> AdapterScore:
-        return ray.get(self.actors[0].score_adapter.remote(tensors, split, num_problems, max_new_tokens))
+        """Greedy scores of one adapter; the problems are sharded over the actors."""
+        if not self.slots:
+            self._wait_for_start(all_of_them=False)
+        shards = min(len(self.slots), max(1, num_problems))
+        pending = deque(range(shards))
+        results: dict[int, AdapterScore] = {}
+        tensors_ref = ray.put(tensors)
+        while pending:
+            refs = {}
+            for slot in list(self.slots):
+                if pending:
+                    shard = pending.popleft()
+                    refs[slot.handle.score_adapter.remote(tensors_ref, split, num_problems, max_new_tokens, (shard, shards))] = (slot, shard)
+            for ref, (slot, shard) in refs.items():
+                try:
+                    results[shard] = ray.get(ref)
+                except (RayActorError, RayTaskError) as err:
+                    pending.append(shard)
+                    self._lost(slot, err, replace=True)
+            if pending and not self.slots:
+                self._wait_for_start(all_of_them=False)
+        return AdapterScore.combine([results[i] for i in range(shards)])
 
     def stop(self) -> None:
         """Stop every actor's backend (and server), then the actors."""
+        handles = [slot.handle for slot in self.slots]
         try:
-            ray.get([actor.stop.remote() for actor in self.actors], timeout=120)
+            ray.get([h.stop.remote() for h in handles], timeout=120)
         except Exception:  # a dead actor has nothing left to stop
             pass
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
+        for handle in handles + [slot.handle for slot in self._starting.values()]:
+            try:
+                ray.kill(handle)
+            except Exception:
+                pass
+        self.slots, self._starting = [], {}
 
     def __enter__(self) -> "ActorPool":
         return self
@@ -181,3 +439,13 @@ def _split(result: BatchResult, batches: Sequence[Sequence[int]]) -> list[BatchR
         )
         start = end
     return out
+
+
+def _brief(err: BaseException) -> str:
+    cause = err.as_instanceof_cause() if isinstance(err, RayTaskError) else err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def _resources(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory")) or "none"
