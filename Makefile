@@ -37,15 +37,17 @@ vllm-env:
 test-server: $(VENV)/.installed vllm-env
 	$(PY) -m pytest -q -m server $(ARGS)
 
-# The venv's bin first on PATH: Ray jobs run `python` from the head's environment.
+# Local Ray cluster on 127.0.0.1 (cluster/README.md): make cluster-up [WORKERS=n CPUS=c
+# OBJECT_STORE_MB=m RAY_PORT=p RAY_DASHBOARD_PORT=d]; cluster-down stops exactly that cluster.
+# Job drivers run `python` from the head's PATH: up.sh puts this venv's bin first.
 cluster-up: $(VENV)/.installed
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash cluster/up.sh
+	RAY=$(CURDIR)/$(VENV)/bin/ray bash cluster/up.sh
 
 cluster-down:
-	bash cluster/down.sh
+	RAY=$(CURDIR)/$(VENV)/bin/ray bash cluster/down.sh
 
 submit: $(VENV)/.installed
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_ADDRESS=$(RAY_ADDRESS) bash cluster/submit.sh $(CONFIG) $(ARGS)
+	RAY=$(CURDIR)/$(VENV)/bin/ray RAY_ADDRESS=$(RAY_ADDRESS) bash cluster/submit.sh $(CONFIG) $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
