@@ -67,7 +67,8 @@ class Adapter:
         config = self.spec.peft_config(base_model).to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
         (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dtype) for k, v in self.tensors.items()}
+        # np.array copies: arrays from Ray's object store are read-only, torch wants writable memory.
+        tensors = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in self.tensors.items()}
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         return folder
 

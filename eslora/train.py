@@ -93,7 +93,7 @@ def train(cfg: Config) -> Path:
                     **{k: float(v) for k, v in stats.items() if k.startswith(("grad", "update"))},
                     **{f"backend_{k}": float(v) for k, v in result.backend_stats.items()},
                     "replicas_resynced": drifted,
-                    # The queue: who did what, and what faults cost (docs/cluster.md).
+                    # The queue: who did what, and what faults cost (cluster/README.md).
                     "actors": len(result.actors),
                     "per_actor": result.actors,
                     "calls_requeued": result.requeued,

@@ -81,6 +81,17 @@ def build_command(cfg, model_path: str, port: int, dummy_path: str = "") -> list
     return cmd
 
 
+def uncovered(start: float, end: float, intervals: Sequence[tuple[float, float]]) -> float:
+    """Length of [start, end] not covered by any of `intervals` (a, b)."""
+    spans = sorted((max(a, start), min(b, end)) for a, b in intervals if b > start and a < end)
+    covered, reach = 0.0, start
+    for a, b in spans:
+        if b > reach:
+            covered += b - max(a, reach)
+            reach = b
+    return max(0.0, (end - start) - covered)
+
+
 def check_adapter_spec(spec: LoraSpec, max_rank: int, server_modules: Sequence[str], where: str) -> None:
     """Refuse adapters SGLang would crash on or silently mis-serve, before they reach the server."""
     try:
@@ -128,6 +139,9 @@ class SGLangBackend(Backend):
         self.history: list[dict[str, float]] = []  # one record per generate() call (bench/ reads it)
         self._reported_start_s = 0.0
         self._unreported_unload_s = 0.0  # unloads finish on the hand-off thread after their call
+        # [start, end or None] of recent /generate requests, so a call's wait for its adapters can
+        # be split into exposed time and time hidden behind another call's generation.
+        self._generating: list[list[Optional[float]]] = []
         self._shapes: Optional[dict[str, tuple[int, ...]]] = None
         self.loaded_count = 0  # adapters loaded so far (tests watch it to crash a server mid-batch)
 
@@ -301,7 +315,13 @@ class SGLangBackend(Backend):
         if any(n is not None for n in names):
             payload["lora_path"] = [n for n in names for _ in prompts]
         t0 = time.perf_counter()
-        result = self._post("/generate", payload)
+        interval: list[Optional[float]] = [t0, None]
+        with self._lock:
+            self._generating = [iv for iv in self._generating if iv[1] is None or iv[1] > t0 - 600] + [interval]
+        try:
+            result = self._post("/generate", payload)
+        finally:
+            interval[1] = time.perf_counter()
         self._add("generate_s", time.perf_counter() - t0)
         if timing is not None:
             timing["generate_s"] += time.perf_counter() - t0
@@ -347,7 +367,7 @@ class SGLangBackend(Backend):
                 try:
                     t0 = time.perf_counter()
                     names = pending.result() if pending is not None else self._load_batch(batch, timing)
-                    waited += time.perf_counter() - t0
+                    waited += self._exposed(t0, time.perf_counter())
                     pending = None
                     if k + 1 < len(batches):  # overlap: next batch loads while this one generates
                         pending = self._handoff.submit(self._load_batch, [adapters[i] for i in batches[k + 1]], timing)
@@ -385,7 +405,8 @@ class SGLangBackend(Backend):
             "write_s": timing["write_s"],
             "load_s": timing["load_s"],
             "unload_s": unload_s,
-            # Hand-off time the caller actually waited for (not hidden behind a generate request).
+            # Hand-off time the caller waited for while the server generated nothing of this
+            # backend's (a wait hidden behind another call's generation is not exposed).
             "exposed_handoff_s": waited,
             "handoff_share": waited / wall if wall > 0 else 0.0,
             # Server starts (first start, self-check, restarts) since the previous call.
@@ -396,6 +417,12 @@ class SGLangBackend(Backend):
         # Only additive numbers go to the driver (summed over actors); ratios stay in history.
         self._local.stats = {k: v for k, v in record.items() if k not in ("tokens_per_s", "handoff_share", "restarts")}
         return out  # type: ignore[return-value]
+
+    def _exposed(self, start: float, end: float) -> float:
+        """Seconds of [start, end] during which no /generate request of this backend ran."""
+        with self._lock:
+            busy = [(a, b if b is not None else end) for a, b in self._generating]
+        return uncovered(start, end, busy)
 
     def _add(self, key: str, seconds: float) -> None:
         with self._lock:
