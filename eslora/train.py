@@ -172,7 +172,9 @@ def save_checkpoint(out: Path, es: EvolutionStrategy, cfg: Config) -> Path:
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)  # atomic: a crash mid-write never leaves a broken checkpoint
-    (folder / "latest").write_text(path.name)
+    pointer = folder / "latest.tmp"
+    pointer.write_text(path.name)
+    pointer.replace(folder / "latest")  # atomic too: write_text truncates first, a kill then left it empty
     return path
 
 

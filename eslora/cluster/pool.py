@@ -47,7 +47,9 @@ def start_local_ray(**kwargs: Any) -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False, **kwargs)
+    # address="local": always a new instance. Without it ray.init() joins whatever cluster
+    # /tmp/ray/ray_current_cluster names (a `ray start` head, a test's Cluster) -- not embedded.
+    ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False, **kwargs)
 
 
 class EvalActor:
@@ -288,13 +290,17 @@ class ActorPool:
         limit = self.cfg.cluster.calls_in_flight
         while queue or inflight:
             self._poll_started()
-            for slot in list(self.slots):
-                while queue and slot.inflight < limit and slot in self.slots:
+            # Breadth first: every actor holds one call before any holds a second, so a short
+            # queue is spread over all actors instead of piling up on the first ones.
+            for level in range(limit):
+                for slot in list(self.slots):
+                    if not queue or slot.inflight > level or slot not in self.slots:
+                        continue
                     try:
                         self._sync(slot, population.generation)
                     except (RayActorError, RayTaskError) as err:
                         self._lost(slot, err, replace=True)
-                        break
+                        continue
                     index = queue.popleft()
                     payload_bytes += len(pickle.dumps((population, calls[index])))
                     inflight[slot.handle.evaluate.remote(population, calls[index])] = (slot, index)
