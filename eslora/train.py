@@ -74,6 +74,7 @@ def train(cfg: Config) -> Path:
         try:
             while es.generation < cfg.run.generations:
                 generation = es.generation
+                failures_before = pool.failures
                 population = es.ask()
                 started = time.perf_counter()
                 with tqdm(total=population.size, desc=f"gen {generation}", unit="member", leave=False) as bar:
@@ -97,19 +98,22 @@ def train(cfg: Config) -> Path:
                     "actors": len(result.actors),
                     "per_actor": result.actors,
                     "calls_requeued": result.requeued,
-                    "actor_failures": result.failures,
+                    "actor_failures": result.failures,  # during evaluation; see actor_failures_all
                     "driver_bytes_per_member": result.bytes_per_member,
                     **initial_eval,
                 }
                 initial_eval = {}
-                if result.backend_stats.get("wall_s"):
-                    # Share of backend time spent waiting for adapter hand-off (summed over actors).
-                    record["backend_handoff_share"] = result.backend_stats.get("exposed_handoff_s", 0.0) / result.backend_stats["wall_s"]
+                if "exposed_handoff_s" in result.backend_stats and result.actors:
+                    # Share of the servers' time (actors x generation wall) spent idle waiting for
+                    # adapter hand-off; calls overlap on one server, so their own walls don't add up.
+                    record["backend_handoff_share"] = result.backend_stats["exposed_handoff_s"] / (record["seconds"] * len(result.actors))
                 # The last generation (by count or by run.time_limit_min) is always scored.
                 last = generation + 1 >= cfg.run.generations or time.monotonic() >= deadline
                 if cfg.run.eval_every and ((generation + 1) % cfg.run.eval_every == 0 or last):
                     score = pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
                     record.update({f"eval_{k}": v for k, v in score.parts.items()})
+                # Actors lost anywhere in this generation: evaluation, update replay or eval.
+                record["actor_failures_all"] = pool.failures - failures_before
                 logger.log(record)
                 if cfg.run.checkpoint_every and es.generation % cfg.run.checkpoint_every == 0:
                     save_checkpoint(out, es, cfg)
@@ -215,7 +219,7 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, record["generation"])
             self.writer.flush()
         extra = "".join(f" {k[:-5]} {record[k]:.3f}" for k in ("answer_mean", "format_mean") if k in record)
-        faults = f" | {record['actor_failures']} actor(s) lost, {record['calls_requeued']} call(s) rerun" if record.get("actor_failures") else ""
+        faults = f" | {record['actor_failures_all']} actor(s) lost, {record['calls_requeued']} call(s) rerun" if record.get("actor_failures_all") else ""
         print(
             f"gen {record['generation']:4d} | reward mean {record['reward_mean']:.4f} max {record['reward_max']:.4f}"
             f"{extra} | {record['seconds']:.1f} s | {record['tokens'] / max(record['seconds'], 1e-9):.0f} tok/s"

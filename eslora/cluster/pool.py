@@ -120,6 +120,12 @@ class ActorPool:
         self._state_ref: Optional[tuple[str, Any]] = None  # (fingerprint, object ref)
         if not ray.is_initialized():
             if cfg.cluster.address:
+                if cfg.cluster.address.split(":")[0] in ("127.0.0.1", "localhost"):
+                    # A loopback cluster (cluster/up.sh): keep Ray from swapping 127.0.0.1 for
+                    # the routable address, where nothing listens (the connect would hang).
+                    from ray._private import ray_constants
+
+                    ray_constants.ENABLE_RAY_CLUSTER = False
                 ray.init(address=cfg.cluster.address, log_to_driver=True)
             else:
                 start_local_ray()
@@ -375,7 +381,11 @@ class ActorPool:
             slot.generation = population.generation + 1
             if fp != fingerprint:
                 drifted += 1
-                again = ray.get(slot.handle.load_state.remote(self._current_state()))
+                try:
+                    again = ray.get(slot.handle.load_state.remote(self._current_state()))
+                except (RayActorError, RayTaskError) as err:
+                    self._lost(slot, err, replace=True)
+                    continue
                 if again != fingerprint:
                     raise RuntimeError(f"{slot.name}'s ES replica still differs from the driver after resync")
         return drifted
