@@ -22,9 +22,9 @@ from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from eslora.cluster.pool import ActorPool, ClusterError, start_local_ray
-from eslora.config import load_config
 from eslora.lora import LoraSpec, adapter_shapes
 from eslora.train import initial_strategy
+from tiny_run import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATIONS = 4
@@ -32,24 +32,7 @@ NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 10
 
 
 def config(model, *extra):
-    return load_config(
-        None,
-        [
-            f"model.name_or_path={model}",
-            "lora.layers=null",
-            "es.population=8",
-            "es.sigma=0.3",
-            "es.lr=0.05",
-            "task.name=conciseness",
-            "task.num_prompts=2",
-            "task.max_new_tokens=4",
-            "task.target_length=10",
-            "backend.max_loras_per_batch=2",
-            "cluster.batches_per_call=1",
-            "cluster.cpus_per_actor=1",
-            *extra,
-        ],
-    )
+    return tiny_config(model, "cluster.cpus_per_actor=1", *extra)
 
 
 def strategy(cfg, model):

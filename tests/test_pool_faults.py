@@ -25,6 +25,7 @@ from eslora.cluster.pool import ActorPool, start_local_ray
 from eslora.config import load_config
 from eslora.lora import LoraSpec, load_adapter
 from eslora.train import initial_strategy, read_metrics, train
+from tiny_run import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATIONS = 5  # per pool test; 2 faults each generation
@@ -43,25 +44,8 @@ def local_ray():
 def pool_config(model, *extra):
     # One member per batch and two calls in flight per actor: 8 calls, every actor holds two,
     # so an actor killed at the generation's first result surely has a call still running.
-    return load_config(
-        None,
-        [
-            f"model.name_or_path={model}",
-            "lora.layers=null",
-            "es.population=8",
-            "es.sigma=0.3",
-            "es.lr=0.05",
-            "task.name=conciseness",
-            "task.num_prompts=2",
-            "task.max_new_tokens=4",
-            "task.target_length=10",
-            "backend.max_loras_per_batch=1",
-            "cluster.batches_per_call=1",
-            "cluster.calls_in_flight=2",
-            "cluster.cpus_per_actor=0.5",
-            f"cluster.num_actors={ACTORS}",
-            *extra,
-        ],
+    return tiny_config(
+        model, "backend.max_loras_per_batch=1", "cluster.calls_in_flight=2", f"cluster.num_actors={ACTORS}", *extra
     )
 
 
@@ -160,28 +144,9 @@ def test_actors_killed_mid_generation_lose_nothing(method, reference, tiny_model
 
 # -- train() end to end with actors killed under it ---------------------------------------------
 def train_config(tmp_path, model, name, *extra):
-    return load_config(
-        None,
-        [
-            f"run.dir={tmp_path}",
-            f"run.name={name}",
-            "run.generations=6",
-            "run.checkpoint_every=2",
-            f"model.name_or_path={model}",
-            "lora.layers=null",
-            "es.population=8",
-            "es.sigma=0.3",
-            "es.lr=0.05",
-            "task.name=conciseness",
-            "task.num_prompts=2",
-            "task.max_new_tokens=4",
-            "task.target_length=10",
-            "backend.max_loras_per_batch=1",
-            "cluster.batches_per_call=1",
-            "cluster.cpus_per_actor=0.5",
-            "cluster.num_actors=3",
-            *extra,
-        ],
+    return tiny_config(
+        model, f"run.dir={tmp_path}", f"run.name={name}", "run.generations=6", "run.checkpoint_every=2",
+        "backend.max_loras_per_batch=1", "cluster.num_actors=3", *extra,
     )
 
 

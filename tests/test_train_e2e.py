@@ -8,9 +8,9 @@ import ray
 import torch
 
 from eslora.cluster.pool import start_local_ray
-from eslora.config import load_config
 from eslora.lora import load_adapter
 from eslora.train import evaluate, load_checkpoint, train
+from tiny_run import tiny_config
 
 METRIC_KEYS = {"generation", "reward_mean", "reward_max", "reward_min", "reward_std", "seconds", "members", "tokens"}
 
@@ -23,27 +23,9 @@ def local_ray():
 
 
 def config(tmp_path, model, name, *extra):
-    return load_config(
-        None,
-        [
-            f"run.dir={tmp_path}",
-            f"run.name={name}",
-            "run.generations=2",
-            "run.checkpoint_every=1",
-            f"model.name_or_path={model}",
-            "lora.layers=null",
-            "es.population=6",
-            "es.sigma=0.3",
-            "es.lr=0.05",
-            "task.name=conciseness",
-            "task.num_prompts=2",
-            "task.max_new_tokens=6",
-            "task.target_length=10",
-            "backend.max_loras_per_batch=2",
-            "cluster.batches_per_call=1",
-            "cluster.cpus_per_actor=0.5",
-            *extra,
-        ],
+    return tiny_config(
+        model, f"run.dir={tmp_path}", f"run.name={name}", "run.generations=2", "run.checkpoint_every=1",
+        "es.population=6", "task.max_new_tokens=6", *extra,
     )
 
 
