@@ -26,6 +26,9 @@ def test_defaults_and_overrides(tmp_path):
         (["backend.name=tgi"], "backend.name"),
         (["lora.target_modules=[model.layers.0.self_attn.q_proj]"], "simple module names"),
         (["es.population"], "key=value"),
+        (["cluster.num_actors=-1"], "cluster.num_actors"),
+        (["cluster.calls_in_flight=0"], "cluster.calls_in_flight"),
+        (["run.time_limit_min=-5"], "run.time_limit_min"),
     ],
 )
 def test_bad_config_names_the_key(overrides, needle):
