@@ -415,7 +415,7 @@ class SGLangBackend(Backend):
         }
         self.history.append(record)
         # Only additive numbers go to the driver (summed over actors); ratios stay in history.
-        self._local.stats = {k: v for k, v in record.items() if k not in ("tokens_per_s", "handoff_share", "restarts")}
+        self._local.stats = {k: v for k, v in record.items() if k not in ("tokens_per_s", "handoff_share")}
         return out  # type: ignore[return-value]
 
     def _exposed(self, start: float, end: float) -> float:
