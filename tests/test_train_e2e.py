@@ -86,3 +86,22 @@ def test_eval_base_and_adapter(tmp_path, tiny_model_path):
     base = evaluate(config(tmp_path, tiny_model_path, "ev", "task.eval_prompts=3", "task.eval_max_new_tokens=6"))
     tuned = evaluate(config(tmp_path, tiny_model_path, "ev", "task.eval_prompts=3", "task.eval_max_new_tokens=6", f"adapter={run / 'adapter'}"))
     assert base["problems"] == 3 and "reward" in base and "reward" in tuned
+
+
+def test_time_limit_stops_and_held_out_scores_bracket_the_run(tmp_path, tiny_model_path):
+    # A limit that the first generation already passes: the run stops there, scored before and after.
+    run = train(config(tmp_path, tiny_model_path, "tl", "run.generations=5", "run.time_limit_min=0.0001",
+                       "run.eval_every=10", "task.eval_prompts=3", "task.eval_max_new_tokens=6"))
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in records] == [0]
+    assert {"eval_initial_reward", "eval_reward"} <= records[0].keys()
+    assert load_checkpoint(run)["generation"] == 1
+    assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+def test_held_out_score_sharded_over_actors_equals_one_actor(tmp_path, tiny_model_path):
+    one = evaluate(config(tmp_path, tiny_model_path, "s1", "task.eval_prompts=5", "task.eval_max_new_tokens=6"))
+    two = evaluate(config(tmp_path, tiny_model_path, "s2", "task.eval_prompts=5", "task.eval_max_new_tokens=6",
+                          "cluster.num_actors=2"))
+    assert one["problems"] == two["problems"] == 5
+    assert two["reward"] == pytest.approx(one["reward"], abs=1e-9) and two["tokens"] == one["tokens"]

@@ -44,12 +44,18 @@ def start_local_ray(**kwargs: Any) -> None:
     Ray swaps "127.0.0.1" for the machine's routable address unless multi-node mode is off, so
     turn it off for this process before init: then the GCS, raylet and workers bind to loopback.
     """
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    _keep_loopback()
     # address="local": always a new instance. Without it ray.init() joins whatever cluster
     # /tmp/ray/ray_current_cluster names (a `ray start` head, a test's Cluster) -- not embedded.
     ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False, **kwargs)
+
+
+def _keep_loopback() -> None:
+    """Turn Ray's multi-node mode off for this process, so "127.0.0.1" stays 127.0.0.1 instead of
+    becoming the machine's routable address (where nothing of a loopback cluster listens)."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 class EvalActor:
@@ -121,11 +127,7 @@ class ActorPool:
         if not ray.is_initialized():
             if cfg.cluster.address:
                 if cfg.cluster.address.split(":")[0] in ("127.0.0.1", "localhost"):
-                    # A loopback cluster (cluster/up.sh): keep Ray from swapping 127.0.0.1 for
-                    # the routable address, where nothing listens (the connect would hang).
-                    from ray._private import ray_constants
-
-                    ray_constants.ENABLE_RAY_CLUSTER = False
+                    _keep_loopback()  # a loopback cluster (cluster/up.sh): else the connect hangs
                 ray.init(address=cfg.cluster.address, log_to_driver=True)
             else:
                 start_local_ray()
@@ -165,13 +167,12 @@ class ActorPool:
     def _check_resources(self, count: int) -> None:
         c = self.cfg.cluster
         have = ray.cluster_resources()
-        summary = ", ".join(f"{k} {v:g}" for k, v in sorted(have.items()) if "_group_" not in k and not k.startswith("node:"))
         for key, per_actor, name in (("GPU", c.gpus_per_actor, "gpus_per_actor"), ("CPU", c.cpus_per_actor, "cpus_per_actor")):
             need = per_actor * max(count, 1)
             if per_actor > 0 and have.get(key, 0) < need:
                 raise ClusterError(
                     f"cluster.{name}={per_actor:g} x {max(count, 1)} actor(s) needs {need:g} {key}, but the Ray cluster has "
-                    f"{have.get(key, 0):g} (resources: {summary}). "
+                    f"{have.get(key, 0):g} (resources: {_resources(have)}). "
                     + ("Run on GPU nodes, or use backend.name=hf with cluster.gpus_per_actor=0."
                        if key == "GPU" else "Lower cluster.num_actors / cluster.cpus_per_actor, or add nodes.")
                 )
@@ -464,4 +465,5 @@ def _brief(err: BaseException) -> str:
 
 
 def _resources(resources: Mapping[str, float]) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory")) or "none"
+    """Ray's resources for people: the named ones, without per-node and placement-group entries."""
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if "_group_" not in k and not k.startswith("node:")) or "none"
