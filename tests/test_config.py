@@ -29,6 +29,16 @@ def test_defaults_and_overrides(tmp_path):
         (["cluster.num_actors=-1"], "cluster.num_actors"),
         (["cluster.calls_in_flight=0"], "cluster.calls_in_flight"),
         (["run.time_limit_min=-5"], "run.time_limit_min"),
+        # Rules owned by the sections' packages, still checked at load (before Ray starts).
+        (["task.name=nope"], "task.name"),
+        (["task.reward=best"], "task.reward"),
+        (["task.eval_prompts=0"], "task.eval_prompts"),
+        (["task.eval_max_new_tokens=0"], "task.eval_max_new_tokens"),
+        (["model.dtype=fp8"], "model.dtype"),
+        (["es.sigma=inf"], "es.sigma"),
+        (["es.lr=nan"], "es.lr"),
+        (["backend.max_restarts=-1"], "backend.max_restarts"),
+        (["lora.alpha=0"], "lora.alpha"),
     ],
 )
 def test_bad_config_names_the_key(overrides, needle):

@@ -7,7 +7,7 @@ See docs/es.md for the design and the LoRA parametrisation.
 from eslora.es.init import init_lora_mean
 from eslora.es.noise import NOISE_VERSION, member_noise, tensor_key
 from eslora.es.shaping import SHAPINGS, centered_rank, get_shaping, raw, zscore
-from eslora.es.strategy import EvolutionStrategy, Population, generation_seed, noise_weighted_mean
+from eslora.es.strategy import EvolutionStrategy, Population, generation_seed, noise_weighted_mean, validate_config
 
 __all__ = [
     "EvolutionStrategy",
@@ -22,5 +22,6 @@ __all__ = [
     "noise_weighted_mean",
     "raw",
     "tensor_key",
+    "validate_config",
     "zscore",
 ]

@@ -126,6 +126,11 @@ class _Settings:
         return dataclasses.asdict(self)
 
 
+def validate_config(cfg: Any) -> None:
+    """The `es` section's value rules (raises ValueError naming the key); `load_config` calls it."""
+    _Settings.from_config(cfg)
+
+
 def noise_weighted_mean(population: Population, weights: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """(1/N) * sum_m weights[m] * sign_m * eps_k(m) per tensor, float64, fixed summation order.
 
