@@ -14,6 +14,8 @@ from typing import Any, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from eslora.errors import EsloraError
+
 
 @dataclass
 class RunConfig:
@@ -151,7 +153,7 @@ class Config:
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype: what every backend can run
 
 
-class ConfigError(ValueError):
+class ConfigError(EsloraError, ValueError):
     """A config file or override that does not fit the schema."""
 
 
