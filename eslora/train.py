@@ -20,21 +20,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from eslora.config import Config, ConfigError, load_config, to_dict, to_yaml
-from eslora.es import EvolutionStrategy
-from eslora.es.init import init_lora_mean
-from eslora.lora import Adapter, LoraSpec, adapter_shapes
+from eslora.checkpoint import initial_strategy, load_checkpoint, save_checkpoint
+from eslora.config import Config, ConfigError, load_config, to_yaml
+from eslora.evaluate import evaluate
+from eslora.lora import Adapter, LoraSpec
 from eslora.models import resolve_model
+
+__all__ = ["evaluate", "load_checkpoint", "main", "run_dir", "save_checkpoint", "train"]
 
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir) / cfg.run.name
-
-
-def initial_strategy(cfg: Config, model_path: str, spec: LoraSpec) -> EvolutionStrategy:
-    """Generation 0: the mean adapter initialised for this model's LoRA shapes (docs/es.md)."""
-    mean = init_lora_mean(adapter_shapes(model_path, spec), cfg.es.init_seed, alpha=spec.alpha)
-    return EvolutionStrategy(cfg.es, mean)
 
 
 def train(cfg: Config) -> Path:
@@ -128,72 +124,6 @@ def train(cfg: Config) -> Path:
     logger.plot(out / "curve.png")
     print(f"done: {es.generation} generations; adapter {adapter_dir}; metrics {out / 'metrics.jsonl'}")
     return out
-
-
-def evaluate(cfg: Config) -> dict[str, Any]:
-    """Greedy held-out scores of `cfg.adapter` (a PEFT folder) or, if empty, of the base model."""
-    from eslora.cluster.pool import ActorPool
-    from eslora.lora import load_adapter
-
-    model_path = resolve_model(cfg.model.name_or_path)
-    spec = LoraSpec.from_config(cfg.lora)
-    tensors = None
-    if cfg.adapter:
-        adapter = load_adapter(cfg.adapter)
-        if adapter.spec != spec:
-            # Score the adapter as saved: its own rank / modules / layers define the backend's LoRA.
-            cfg.lora.r, cfg.lora.alpha = adapter.spec.r, adapter.spec.alpha
-            cfg.lora.target_modules = list(adapter.spec.target_modules)
-            cfg.lora.layers = None if adapter.spec.layers is None else list(adapter.spec.layers)
-            spec = adapter.spec
-        tensors = dict(adapter.tensors)
-    es = initial_strategy(cfg, model_path, spec)
-    started = time.perf_counter()
-    with ActorPool(cfg, model_path, es.state_dict) as pool:
-        score = pool.score_adapter(tensors, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
-    report = {
-        "adapter": cfg.adapter or None,
-        "task": cfg.task.name,
-        "problems": cfg.task.eval_prompts,
-        **score.parts,
-        "tokens": score.tokens,
-        "seconds": time.perf_counter() - started,
-    }
-    if "answer" in score.parts:
-        report["accuracy"] = score.parts["answer"]
-    for sample in score.samples[:2]:
-        print(f"--- sample (reward {sample['reward']:.3f})\n{sample['completion'][:400]}")
-    print(json.dumps(report))
-    return report
-
-
-# -- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(out: Path, es: EvolutionStrategy, cfg: Config) -> Path:
-    folder = out / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {"es": es.state_dict(), "config": to_dict(cfg), "generation": es.generation}
-    path = folder / f"gen_{es.generation:05d}.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a crash mid-write never leaves a broken checkpoint
-    pointer = folder / "latest.tmp"
-    pointer.write_text(path.name)
-    pointer.replace(folder / "latest")  # atomic too: write_text truncates first, a kill then left it empty
-    return path
-
-
-def load_checkpoint(where: str | Path) -> dict[str, Any]:
-    """`where`: a checkpoint file, a run folder or its checkpoints/ folder (takes the latest)."""
-    where = Path(where)
-    if where.is_dir():
-        folder = where / "checkpoints" if (where / "checkpoints").is_dir() else where
-        latest = folder / "latest"
-        if not latest.is_file():
-            raise FileNotFoundError(f"no checkpoint in {where}")
-        where = folder / latest.read_text().strip()
-    if not where.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {where}")
-    return torch.load(where, map_location="cpu", weights_only=False)
 
 
 # -- metrics -----------------------------------------------------------------------------------
