@@ -15,6 +15,15 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
+from eslora.errors import EsloraError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class AdapterError(EsloraError, ValueError):
+    """An adapter folder that cannot be read safely (missing, unsafe or malformed file)."""
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -66,35 +75,97 @@ class Adapter:
         folder.mkdir(parents=True, exist_ok=True)
         config = self.spec.peft_config(base_model).to_dict()
         config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
         # np.array copies: arrays from Ray's object store are read-only, torch wants writable memory.
         tensors = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in self.tensors.items()}
-        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        save_file(tensors, str(folder / WEIGHTS_FILE))
         return folder
 
 
 def load_adapter(folder: str | Path, name: str = "") -> Adapter:
-    """Read a PEFT adapter folder (as written by `Adapter.save` or PEFT's save_pretrained)."""
+    """Read a PEFT adapter folder (as written by `Adapter.save` or PEFT's save_pretrained).
+
+    Only JSON and safetensors are read, never a pickle (`adapter_model.bin` is refused): a file
+    this tool reads must not be able to run code. Raises AdapterError naming the file.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    config_path = folder / "adapter_config.json"
-    weights_path = folder / "adapter_model.safetensors"
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not weights_path.is_file() and (folder / "adapter_model.bin").is_file():
+        raise AdapterError(
+            f"{folder / 'adapter_model.bin'}: pickled PEFT weights are refused (loading a pickle can "
+            f"run code); save the adapter with safe_serialization=True ({WEIGHTS_FILE})"
+        )
     if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors)")
-    config = json.loads(config_path.read_text())
-    check_simple_target_modules(config, where=str(config_path))
-    layers = config.get("layers_to_transform")
-    if isinstance(layers, int):
-        layers = [layers]
-    spec = LoraSpec(
-        r=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        target_modules=(config["target_modules"],) if isinstance(config["target_modules"], str) else tuple(config["target_modules"]),
-        layers=None if layers is None else tuple(layers),
-    )
-    tensors = {k: v.float().numpy() for k, v in load_file(str(weights_path)).items()}
+        raise AdapterError(f"{folder} is not a PEFT adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    config = read_adapter_config(folder)
+    try:
+        check_simple_target_modules(config, where=str(config_path))
+        layers = config.get("layers_to_transform")
+        if isinstance(layers, int):
+            layers = [layers]
+        spec = LoraSpec(
+            r=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            target_modules=(config["target_modules"],) if isinstance(config["target_modules"], str) else tuple(config["target_modules"]),
+            layers=None if layers is None else tuple(layers),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise AdapterError(f"{config_path}: not a LoRA adapter config ({type(err).__name__}: {err})") from None
+    try:
+        tensors = {k: v.float().numpy() for k, v in load_file(str(weights_path)).items()}
+    except (SafetensorError, OSError) as err:
+        raise AdapterError(f"{weights_path}: not a safetensors file ({err})") from None
     return Adapter(name=name or folder.name, spec=spec, tensors=tensors)
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    """adapter_config.json of a PEFT folder as a dict (AdapterError if absent or not JSON)."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{path}: cannot read the adapter config ({err})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: the adapter config is not a JSON object")
+    return config
+
+
+def set_base_model(folder: str | Path, base_model: str) -> None:
+    """Name the adapter's base in adapter_config.json as the user named it (hub id, path, name).
+
+    PEFT's AutoPeftModel loads `base_model_name_or_path`; an absolute cache path there would not
+    travel. Written beside, then renamed: an interrupted write leaves the old config whole.
+    """
+    config = read_adapter_config(folder)
+    config["base_model_name_or_path"] = base_model
+    path = Path(folder) / CONFIG_FILE
+    tmp = path.with_name(f".{CONFIG_FILE}.tmp")
+    tmp.write_text(json.dumps(config, indent=2, default=str))
+    tmp.replace(path)
+
+
+def peft_model_with(model, adapter: Adapter, base_model: str = ""):
+    """`model` (a transformers causal LM) wrapped by PEFT with `adapter`'s weights loaded.
+
+    Builds the PeftModel from the spec and sets the tensors (what `load_adapter` read safely),
+    instead of letting PEFT open files itself; every tensor must land (no missing, no unexpected).
+    """
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    peft_model = get_peft_model(model, adapter.spec.peft_config(base_model))
+    dtype = next(model.parameters()).dtype
+    state = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in adapter.tensors.items()}
+    result = set_peft_model_state_dict(peft_model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise AdapterError(
+            f"adapter {adapter.name!r} does not fit the model: unexpected {list(result.unexpected_keys)[:3]}, "
+            f"missing {missing[:3]}"
+        )
+    return peft_model
 
 
 def check_simple_target_modules(adapter_config: Mapping, where: str = "adapter") -> None:
