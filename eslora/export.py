@@ -11,6 +11,8 @@ holds files: a merged model is built in a hidden sibling and renamed into place 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -49,10 +51,31 @@ def finish_adapter(adapter_dir: Path, model_path: str, base_model: str, card: Ma
     card = dict(card)
     _write_atomic(adapter_dir / README, render_card(base_model, card))
     # The card's inputs, machine-readable: `eslora export --merge` writes the merged model's card from them.
-    _write_atomic(adapter_dir / CARD_JSON, json.dumps({"base_model": base_model, **card}, indent=2, default=str) + "\n")
+    _write_atomic(adapter_dir / CARD_JSON, json.dumps(card, indent=2, default=str) + "\n")
 
 
 CARD_JSON = "eslora_card.json"
+
+
+def run_card(cfg, records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The model card's facts from a run's config (eslora.config.Config) and metrics records."""
+    before = {k[len("eval_initial_"):]: v for r in records for k, v in r.items() if k.startswith("eval_initial_")}
+    evals = [r for r in records if any(k.startswith("eval_") and not k.startswith("eval_initial_") for k in r)]
+    after = {k[len("eval_"):]: v for k, v in evals[-1].items()
+             if k.startswith("eval_") and not k.startswith("eval_initial_")} if evals else {}
+    es = cfg.es
+    return {
+        "task": cfg.task.name,
+        "task_settings": {"num_prompts": cfg.task.num_prompts, "max_new_tokens": cfg.task.max_new_tokens,
+                          "eval_prompts": cfg.task.eval_prompts},
+        "es": {"population": es.population, "sigma": es.sigma, "lr": es.lr, "optimizer": es.optimizer,
+               "shaping": es.shaping, "antithetic": es.antithetic, "seed": es.seed},
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": ",".join(cfg.lora.target_modules),
+                 "layers": "all" if cfg.lora.layers is None else ",".join(map(str, cfg.lora.layers))},
+        "held_out_before": before,
+        "held_out_after": after,
+        **({"generations": records[-1]["generation"] + 1} if records else {}),
+    }
 
 
 def save_tokenizer(model_path: str, folder: Path) -> None:
@@ -205,3 +228,153 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- export a run
+
+def export_run(run_dir: Path, merge_to: Optional[Path] = None, push_to_hub: Optional[str] = None) -> Path:
+    """Ship a finished run: returns the folder shipped (the run's adapter/, or `merge_to`).
+
+    The adapter is finished first if the run predates `finish_adapter` (card from config.yaml and
+    metrics.jsonl). `merge_to`: a merged full model (base + adapter, PEFT merge_and_unload, saved
+    in the base's dtype) with its tokenizer and card; refused if the folder holds anything.
+    `push_to_hub`: upload the shipped folder to that hub repo (created if absent).
+    """
+    from eslora.config import load_config
+    from eslora.models import resolve_model
+
+    run_dir = Path(run_dir)
+    adapter_dir, config_path = run_dir / "adapter", run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ExportError(f"{run_dir} is not an eslora run folder (no config.yaml)")
+    if not adapter_dir.is_dir():
+        raise ExportError(f"{adapter_dir} does not exist: the run has not finished (its adapter is saved at the end)")
+    if merge_to is not None:
+        _check_free(Path(merge_to))
+    if push_to_hub is not None:
+        _check_pushable(push_to_hub)  # before a merge that may take minutes
+    cfg = load_config(config_path)
+    base_model = cfg.model.name_or_path
+    try:
+        model_path = resolve_model(base_model)
+    except (ValueError, RuntimeError) as err:
+        raise ExportError(f"the run's base model (model.name_or_path={base_model}) is not available: {err}") from None
+    adapter = load_adapter(adapter_dir)
+    if not (adapter_dir / README).is_file():
+        metrics = run_dir / "metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+        finish_adapter(adapter_dir, model_path, base_model, run_card(cfg, records))
+    shipped = adapter_dir
+    if merge_to is not None:
+        card = json.loads((adapter_dir / CARD_JSON).read_text()) if (adapter_dir / CARD_JSON).is_file() else {}
+        shipped = merge_adapter(model_path, adapter, Path(merge_to), base_model, card)
+    if push_to_hub is not None:
+        push_folder(shipped, push_to_hub)
+    return shipped
+
+
+def merge_adapter(model_path: str, adapter, out: Path, base_model: str, card: Mapping[str, Any]) -> Path:
+    """Write base + `adapter` merged into `out`: safetensors, config.json, tokenizer, README.md.
+
+    The merge runs in fp32 (W + scale * B @ A rounded once) and the result is cast to the base's
+    own dtype. Built in a hidden sibling folder, renamed to `out` only when complete.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_free(out)
+    saved_dtype = _config_dtype(AutoConfig.from_pretrained(model_path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        merged = peft_model_with(model, adapter, base_model).merge_and_unload()
+        merged.to(saved_dtype).save_pretrained(str(work))
+        _keep_base_config_keys(Path(model_path), work)
+        save_tokenizer(model_path, work)
+        _write_atomic(work / README, render_card(base_model, card, merged=True))
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in work.iterdir():  # safetensors writes 0600: give the folder the user's usual mode
+            path.chmod(0o666 & ~umask)
+        _check_free(out)  # nobody wrote there while we merged
+        if out.is_dir():
+            out.rmdir()  # empty (checked): rename needs the name free
+        os.rename(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _config_dtype(config):
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _keep_base_config_keys(base: Path, folder: Path) -> None:
+    """Keys of the base's config.json that the saved one dropped (transformers 5 writes
+    `rope_parameters` and `dtype`; SGLang's and vLLM's transformers 4.x read `rope_theta` and
+    `torch_dtype`, which eslora's registry folders carry) are copied back."""
+    if not (base / "config.json").is_file():
+        return  # a hub id: its config.json is the hub's own
+    base_config = json.loads((base / "config.json").read_text())
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in base_config.items():
+        config.setdefault(key, value)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _check_free(out: Path) -> None:
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not empty; export writes only into a new or empty folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+
+
+def _check_pushable(repo_id: str) -> None:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ExportError(f"--push-to-hub {repo_id!r} is not a hub repo id (like user/name): {err}") from None
+    if constants.HF_HUB_OFFLINE:
+        raise ExportError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set, the hub is off; "
+                          "unset it on a machine that reaches the hub")
+
+
+def push_folder(folder: Path, repo_id: str) -> str:
+    """Upload `folder` to hub model repo `repo_id` (created if absent); returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    _check_pushable(repo_id)
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                 commit_message="eslora export")
+    except _hub_errors() as err:
+        raise ExportError(f"push of {folder} to {api.endpoint}/{repo_id} failed: "
+                          f"{type(err).__name__}: {_first_line(err)}") from None
+    return str(info)
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a failed upload raises: the hub's HTTP errors, OSError (offline mode, sockets) and the
+    HTTP client's own errors (httpx2, httpx or requests, by huggingface_hub version)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [OSError, HfHubHTTPError]
+    for client in ("httpx2", "httpx", "requests"):
+        with contextlib.suppress(ImportError):
+            errors.append(importlib.import_module(client).HTTPError)
+    return tuple(errors)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)

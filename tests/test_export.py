@@ -1,0 +1,231 @@
+"""Shipping a run (issue 17 item 3) on real transformers + PEFT with the tiny model, fp32.
+
+The merged model must generate, greedy and token for token, what base + adapter through PEFT
+generate; the adapter folder must carry its base's name as the user gave it, the tokenizer and a
+model card; export never writes into a folder that holds files, and a push without a reachable
+hub fails with an EsloraError, leaving nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eslora.config import to_yaml
+from eslora.errors import EsloraError
+from eslora.export import ExportError, export_run, finish_adapter
+from eslora.lora import Adapter, AdapterError, LoraSpec, adapter_shapes, load_adapter
+from peft_reference import peft_generate
+from tiny_run import tiny_config
+
+PROMPTS = ["the cat sat on", "numbers and words", "What is the capital of France?"]
+TOKENS = 12
+CARD = {"task": "conciseness", "generations": 2, "es": {"population": 8, "sigma": 0.3},
+        "held_out_before": {"reward": -7.5}, "held_out_after": {"reward": -3.25}}
+
+
+def make_run(folder: Path, model_path: Path, seed: int = 0) -> Path:
+    """A run folder as train() leaves it: config.yaml + adapter/ saved by lora.py (base named by
+    its absolute path, as the driver saved it before finish_adapter existed)."""
+    cfg = tiny_config(model_path, "lora.r=2", f"run.dir={folder.parent}", f"run.name={folder.name}")
+    spec = LoraSpec.from_config(cfg.lora)
+    rng = np.random.default_rng(seed)
+    # Random A and B (PEFT's init has B = 0, a no-op): the adapter visibly changes the output.
+    tensors = {k: (rng.standard_normal(s) * 0.5).astype(np.float32)
+               for k, s in adapter_shapes(str(model_path), spec).items()}
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    Adapter("mean", spec, tensors).save(folder / "adapter", base_model=str(model_path))
+    return folder
+
+
+def test_merged_model_generates_what_peft_base_plus_adapter_generates(tmp_path, tiny_model_path):
+    run = make_run(tmp_path / "run", tiny_model_path)
+    merged = export_run(run, merge_to=tmp_path / "merged")
+
+    assert merged == tmp_path / "merged"
+    with_peft = peft_generate(tiny_model_path, run / "adapter", PROMPTS, TOKENS)
+    from_merged = peft_generate(merged, None, PROMPTS, TOKENS)  # plain transformers, no PEFT
+    assert [ids for ids, _ in from_merged] == [ids for ids, _ in with_peft]
+    base_only = peft_generate(tiny_model_path, None, PROMPTS, TOKENS)
+    assert [ids for ids, _ in base_only] != [ids for ids, _ in with_peft], "the adapter must matter"
+
+    # An ordinary transformers folder: safetensors + config.json + tokenizer, nothing pickled.
+    names = {p.name for p in merged.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl"))]
+    assert not [n for n in names if n.startswith("adapter_")], "a merged model carries no adapter"
+    base_config = json.loads((tiny_model_path / "config.json").read_text())
+    merged_config = json.loads((merged / "config.json").read_text())
+    assert merged_config.get("dtype", merged_config.get("torch_dtype")) == base_config.get("dtype", "float32")
+    assert merged_config["rope_theta"] == base_config.get("rope_theta", merged_config["rope_theta"])
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the base's tokenizer, byte for byte
+        assert (merged / name).read_bytes() == (tiny_model_path / name).read_bytes()
+    card = (merged / "README.md").read_text()
+    assert "library_name: transformers" in card and "- eslora" in card
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no partial folder left"
+
+
+def test_exported_adapter_names_its_base_and_carries_card_and_tokenizer(tmp_path, tiny_model_path):
+    run = make_run(tmp_path / "run", tiny_model_path)
+    shipped = export_run(run)  # no merge, no push: finishes the adapter in place
+
+    assert shipped == run / "adapter"
+    config = json.loads((shipped / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_model_path)  # config.yaml's model.name_or_path
+    assert (shipped / "tokenizer.json").read_bytes() == (tiny_model_path / "tokenizer.json").read_bytes()
+    card = (shipped / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card
+    assert "- eslora" in card and "- evolution-strategies" in card
+    assert "`conciseness`" in card and "population=8" in card
+    assert "base_model:" not in card, "a local path is no hub id: the hub would refuse the card"
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The folder alone gives the tokenizer; PEFT loads the adapter onto the base.
+    assert AutoTokenizer.from_pretrained(shipped)("a b c")["input_ids"] == \
+        AutoTokenizer.from_pretrained(tiny_model_path)("a b c")["input_ids"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), str(shipped))
+
+
+@pytest.mark.parametrize("base_model, yaml_base, how_to_get", [
+    ("Qwen/Qwen2.5-0.5B-Instruct", "base_model: Qwen/Qwen2.5-0.5B-Instruct", None),
+    ("smollm2-135m", None, "eslora models fetch smollm2-135m"),
+])
+def test_finish_adapter_writes_the_base_as_named(tmp_path, tiny_model_path, base_model, yaml_base, how_to_get):
+    adapter_dir = make_run(tmp_path / "run", tiny_model_path) / "adapter"
+    finish_adapter(adapter_dir, str(tiny_model_path), base_model, CARD)
+
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == base_model
+    card = (adapter_dir / "README.md").read_text()
+    metadata = card.split("---\n")[1]
+    assert (yaml_base in metadata) if yaml_base else ("base_model" not in metadata)
+    assert how_to_get is None or how_to_get in card
+    assert "| reward | -7.5000 | -3.2500 |" in card  # held-out before / after, as given
+    assert load_adapter(adapter_dir).spec.r == 2  # still a loadable adapter
+
+
+def test_real_run_exports_with_its_held_out_scores(tmp_path, tiny_model_path):
+    """A run folder made by a real short train() run on local Ray, exported and merged."""
+    import ray
+
+    from eslora.cluster.pool import start_local_ray
+    from eslora.train import train
+
+    start_local_ray(num_cpus=2)
+    try:
+        run = train(tiny_config(tiny_model_path, f"run.dir={tmp_path}", "run.name=real", "run.generations=1",
+                                "run.eval_every=1", "task.eval_prompts=2", "task.eval_max_new_tokens=4"))
+    finally:
+        ray.shutdown()
+    merged = export_run(run, merge_to=tmp_path / "merged")
+
+    card = (run / "adapter" / "README.md").read_text()
+    assert "| reward |" in card and "**Generations:** 1" in card
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_path)
+    with_peft = peft_generate(tiny_model_path, run / "adapter", PROMPTS, TOKENS)
+    assert [ids for ids, _ in peft_generate(merged, None, PROMPTS, TOKENS)] == [ids for ids, _ in with_peft]
+
+
+def test_export_refuses_a_folder_that_holds_files(tmp_path, tiny_model_path):
+    run = make_run(tmp_path / "run", tiny_model_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier export")
+    with pytest.raises(ExportError, match="not empty"):
+        export_run(run, merge_to=out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "an earlier export"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_run(run, merge_to=empty) == empty and (empty / "model.safetensors").is_file()
+
+
+def test_export_of_a_folder_that_is_no_run_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="config.yaml"):
+        export_run(tmp_path)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def export_in_subprocess(run: Path, env: dict[str, str], merge_to: Path | None = None) -> subprocess.CompletedProcess:
+    """export_run with the hub settings in the environment (huggingface_hub reads them at import);
+    prints `EsloraError: message` as the CLI's one line would, any other error keeps its traceback."""
+    code = (
+        "import sys; from pathlib import Path; from eslora.errors import EsloraError; "
+        "from eslora.export import export_run\n"
+        "try: export_run(Path(sys.argv[1]), merge_to=Path(sys.argv[2]) if sys.argv[2] else None, push_to_hub='someone/eslora-test')\n"
+        "except EsloraError as err: print('EsloraError:', err); sys.exit(3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
+    return subprocess.run([sys.executable, "-c", code, str(run), str(merge_to or "")], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_push_to_an_unreachable_hub_fails_cleanly(tmp_path, tiny_model_path):
+    run = make_run(tmp_path / "run", tiny_model_path)
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    proc = export_in_subprocess(run, {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"EsloraError: push of {run / 'adapter'} to {endpoint}/someone/eslora-test failed" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    adapter = run / "adapter"  # the adapter was finished before the push: whole, and nothing else
+    assert (adapter / "README.md").is_file() and load_adapter(adapter).spec.r == 2
+    assert not [p for p in adapter.iterdir() if p.name.startswith(".")]
+
+
+def test_push_with_the_hub_offline_fails_before_merging(tmp_path, tiny_model_path):
+    run = make_run(tmp_path / "run", tiny_model_path)
+    proc = export_in_subprocess(run, {"HF_HUB_OFFLINE": "1"}, merge_to=tmp_path / "merged")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "EsloraError: cannot push to someone/eslora-test: HF_HUB_OFFLINE is set" in proc.stdout
+    assert not (tmp_path / "merged").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+class _WritesMarker:
+    """A pickle that, when loaded, creates a file: what loading pickled weights could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+@pytest.mark.parametrize("weights_name", ["adapter_model.bin", "adapter_model.safetensors"])
+def test_a_crafted_adapter_is_refused_naming_the_file_and_runs_nothing(tmp_path, tiny_model_path, weights_name):
+    run = make_run(tmp_path / "run", tiny_model_path)
+    adapter = run / "adapter"
+    (adapter / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "marker"
+    (adapter / weights_name).write_bytes(pickle.dumps(_WritesMarker(marker)))
+
+    with pytest.raises(AdapterError, match=re.escape(str(adapter / weights_name))) as err:
+        load_adapter(adapter)
+    assert isinstance(err.value, EsloraError)
+    with pytest.raises(AdapterError, match=weights_name):
+        export_run(run, merge_to=tmp_path / "merged")
+    with pytest.raises(AdapterError, match=weights_name):
+        finish_adapter(adapter, str(tiny_model_path), "x", {})
+    assert not marker.exists(), "reading an adapter must never run code"
+    assert not (tmp_path / "merged").exists() and not (adapter / "README.md").exists()
+
+
+def test_an_adapter_config_that_is_not_json_is_refused_naming_it(tmp_path, tiny_model_path):
+    adapter = make_run(tmp_path / "run", tiny_model_path) / "adapter"
+    (adapter / "adapter_config.json").write_text("r: 2\n")
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        load_adapter(adapter)
