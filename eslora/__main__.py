@@ -1,3 +1,5 @@
+"""`python -m eslora ...` = the `eslora` command."""
+
 import sys
 
 from eslora.cli import main
