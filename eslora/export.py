@@ -18,12 +18,16 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from eslora.errors import EsloraError
-from eslora.lora import peft_model_with, load_adapter, set_base_model
+from eslora.lora import Adapter, load_adapter, peft_model_with, set_base_model
+
+if TYPE_CHECKING:
+    from eslora.config import Config
 
 README = "README.md"
+CARD_JSON = "eslora_card.json"  # the card's facts, machine-readable: the merged model's card reuses them
 
 
 class ExportError(EsloraError, RuntimeError):
@@ -32,33 +36,32 @@ class ExportError(EsloraError, RuntimeError):
 
 # --------------------------------------------------------------------------- the adapter folder
 
-def finish_adapter(adapter_dir: Path, model_path: str, base_model: str, card: Mapping[str, Any]) -> None:
+def finish_adapter(adapter_dir: Path, model_path: str, base_model: str, card: Mapping[str, Any],
+                   revision: str = "") -> None:
     """Make a saved PEFT adapter folder shippable, in place.
 
     - adapter_config.json's `base_model_name_or_path` becomes `base_model` (as the user named it:
-      hub id, path or eslora registry name; not the resolved cache path `model_path`);
+      hub id, path or eslora registry name; not the resolved cache path `model_path`), and its
+      `revision` the hub revision given (model.revision);
     - the tokenizer files of `model_path` are saved beside the weights;
     - README.md: a Hugging Face model card (YAML metadata + how to load it).
 
     `card` keys (all optional): `task` (name), `task_settings`, `es` (ES settings), `lora`,
     `generations`, `held_out_before` / `held_out_after` ({score name: value}); other keys are
-    listed as they are under "Run".
+    listed as `key: value` lines.
     """
     adapter_dir = Path(adapter_dir)
     load_adapter(adapter_dir)  # refuses a folder that is not a safe, complete PEFT adapter
-    set_base_model(adapter_dir, base_model)
+    set_base_model(adapter_dir, base_model, revision)
     save_tokenizer(model_path, adapter_dir)
-    card = dict(card)
+    card = {**({"revision": revision} if revision else {}), **card}
     _write_atomic(adapter_dir / README, render_card(base_model, card))
-    # The card's inputs, machine-readable: `eslora export --merge` writes the merged model's card from them.
     _write_atomic(adapter_dir / CARD_JSON, json.dumps(card, indent=2, default=str) + "\n")
 
 
-CARD_JSON = "eslora_card.json"
-
-
-def run_card(cfg, records: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The model card's facts from a run's config (eslora.config.Config) and metrics records."""
+def run_card(cfg: Config, records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The model card's facts from a run's config and its metrics.jsonl records (held-out scores:
+    `eval_initial_*` before training, the last record's `eval_*` after)."""
     before = {k[len("eval_initial_"):]: v for r in records for k, v in r.items() if k.startswith("eval_initial_")}
     evals = [r for r in records if any(k.startswith("eval_") and not k.startswith("eval_initial_") for k in r)]
     after = {k[len("eval_"):]: v for k, v in evals[-1].items()
@@ -115,7 +118,7 @@ def render_card(base_model: str, card: Mapping[str, Any], merged: bool = False) 
     lines = [
         f"# {card.get('task', 'eslora')} adapter" + (" (merged)" if merged else ""),
         "",
-        f"{what}, trained with **Evolution Strategies** with eslora "
+        f"{what}, trained by eslora with **Evolution Strategies** "
         f"(no backpropagation: a population of perturbed adapters is scored and the adapter moves "
         f"along the fitness-weighted sum of the perturbations).",
         "",
@@ -254,26 +257,29 @@ def export_run(run_dir: Path, merge_to: Optional[Path] = None, push_to_hub: Opti
     if push_to_hub is not None:
         _check_pushable(push_to_hub)  # before a merge that may take minutes
     cfg = load_config(config_path)
-    base_model = cfg.model.name_or_path
+    base_model, revision = cfg.model.name_or_path, getattr(cfg.model, "revision", "")
     try:
-        model_path = resolve_model(base_model)
+        model_path = resolve_model(base_model, revision) if revision else resolve_model(base_model)
     except (ValueError, RuntimeError) as err:
         raise ExportError(f"the run's base model (model.name_or_path={base_model}) is not available: {err}") from None
     adapter = load_adapter(adapter_dir)
-    if not (adapter_dir / README).is_file():
+    if not (adapter_dir / CARD_JSON).is_file():  # a run older than finish_adapter
         metrics = run_dir / "metrics.jsonl"
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
-        finish_adapter(adapter_dir, model_path, base_model, run_card(cfg, records))
+        finish_adapter(adapter_dir, model_path, base_model, run_card(cfg, records), revision)
     shipped = adapter_dir
     if merge_to is not None:
-        card = json.loads((adapter_dir / CARD_JSON).read_text()) if (adapter_dir / CARD_JSON).is_file() else {}
+        try:
+            card = json.loads((adapter_dir / CARD_JSON).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ExportError(f"{adapter_dir / CARD_JSON}: cannot read the model card's facts ({err})") from None
         shipped = merge_adapter(model_path, adapter, Path(merge_to), base_model, card)
     if push_to_hub is not None:
         push_folder(shipped, push_to_hub)
     return shipped
 
 
-def merge_adapter(model_path: str, adapter, out: Path, base_model: str, card: Mapping[str, Any]) -> Path:
+def merge_adapter(model_path: str, adapter: Adapter, out: Path, base_model: str, card: Mapping[str, Any]) -> Path:
     """Write base + `adapter` merged into `out`: safetensors, config.json, tokenizer, README.md.
 
     The merge runs in fp32 (W + scale * B @ A rounded once) and the result is cast to the base's
@@ -293,10 +299,9 @@ def merge_adapter(model_path: str, adapter, out: Path, base_model: str, card: Ma
         _keep_base_config_keys(Path(model_path), work)
         save_tokenizer(model_path, work)
         _write_atomic(work / README, render_card(base_model, card, merged=True))
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in work.iterdir():  # safetensors writes 0600: give the folder the user's usual mode
-            path.chmod(0o666 & ~umask)
+        mode = (work / README).stat().st_mode & 0o777  # a file written under the user's umask
+        for path in work.iterdir():  # safetensors writes 0600, which a server run by others cannot read
+            path.chmod(mode)
         _check_free(out)  # nobody wrote there while we merged
         if out.is_dir():
             out.rmdir()  # empty (checked): rename needs the name free

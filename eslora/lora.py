@@ -133,14 +133,15 @@ def read_adapter_config(folder: str | Path) -> dict:
     return config
 
 
-def set_base_model(folder: str | Path, base_model: str) -> None:
+def set_base_model(folder: str | Path, base_model: str, revision: str = "") -> None:
     """Name the adapter's base in adapter_config.json as the user named it (hub id, path, name).
 
-    PEFT's AutoPeftModel loads `base_model_name_or_path`; an absolute cache path there would not
-    travel. Written beside, then renamed: an interrupted write leaves the old config whole.
+    PEFT's AutoPeftModel loads `base_model_name_or_path` (at `revision`); an absolute cache path
+    there would not travel. Written beside, then renamed: an interrupted write leaves the old config whole.
     """
     config = read_adapter_config(folder)
     config["base_model_name_or_path"] = base_model
+    config["revision"] = revision or None
     path = Path(folder) / CONFIG_FILE
     tmp = path.with_name(f".{CONFIG_FILE}.tmp")
     tmp.write_text(json.dumps(config, indent=2, default=str))
