@@ -49,7 +49,8 @@ def hub_snapshot(repo_id: str, revision: str = "") -> str:
     hub_cache = os.environ.get("HF_HUB_CACHE") or None
     try:
         folder = snapshot_download(repo_id, revision=revision or None, cache_dir=hub_cache,
-                                   local_files_only=offline, ignore_patterns=_HUB_IGNORE)
+                                   local_files_only=offline, ignore_patterns=_HUB_IGNORE,
+                                   endpoint=os.environ.get("HF_ENDPOINT") or None)
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, HFValidationError, OSError) as exc:
         at = f" at model.revision={revision!r}" if revision else ""
         where = ("HF_HUB_OFFLINE=1: only the local Hugging Face cache was searched"
