@@ -71,7 +71,9 @@ class ESConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "conciseness"  # conciseness | countdown
+    # conciseness | countdown | prompts, or your own: "pkg.module:Name" / "path/to/file.py:Name"
+    # (a task class or factory; docs/custom_tasks.md)
+    name: str = "conciseness"
     num_prompts: int = 8  # prompts per generation, shared by every member
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0 = greedy: fitness differences come from the weights, not sampling
@@ -79,6 +81,16 @@ class TaskConfig:
     reward: str = "es_paper"  # countdown: es_paper | tinyzero
     data_path: str = ""  # countdown: JSON / JSONL / parquet file; empty = procedural generator
     data_seed: int = 1234  # seed of the procedural generator / prompt sampling
+    # Protocol options (docs/tasks.md); the defaults keep fresh problems each generation and the
+    # hash split. 0 = fresh problems every generation; N = N problems drawn once from data_seed,
+    # reused (num_prompts = N scores all of them every generation, fewer a per-generation subset).
+    train_set_size: int = 0
+    train_rows: str = ""  # rows of data_path to train on, python-slice style ("0:200"); "" = hash split
+    eval_rows: str = ""  # held-out rows ("-2000:") of eval_data_path, else data_path; "" = the rest
+    eval_data_path: str = ""  # a separate held-out file ("" = held-out rows of data_path / the generator)
+    num_numbers: list[int] = field(default_factory=lambda: [3, 4])  # countdown generator: [fewest, most] numbers
+    # Arguments of task.name's class or factory (free-form: each task checks its own keys).
+    kwargs: dict[str, Any] = field(default_factory=dict)
     eval_prompts: int = 64  # held-out problems used by `eslora eval` and eval_every
     eval_max_new_tokens: int = 512
     target_length: int = 20  # conciseness: reward = -|len(completion) - target_length| (characters)

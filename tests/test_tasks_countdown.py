@@ -21,10 +21,9 @@ from eslora.tasks.countdown import (
     ASSISTANT_PREFIX,
     CountdownTask,
     DatasetError,
-    _format_after_think,
-    _scan,
     chat_prompt,
     es_paper_reward,
+    format_after_think,
     format_reward,
     generate_problem,
     is_eval_problem,
@@ -32,6 +31,7 @@ from eslora.tasks.countdown import (
     load_countdown_file,
     raw_prompt,
     reachable,
+    scan,
     solve,
     tinyzero_reward,
 )
@@ -70,10 +70,10 @@ frag_text = st.lists(st.sampled_from(FRAGMENTS), max_size=14).map("".join)
 def test_tag_scans_equal_published_regexes(text: str) -> None:
     assert last_answer(text) == ref_last_answer(text)
     assert format_reward(text) == ref_format(text)
-    assert _format_after_think(text) == ref_format("<think>" + text)
+    assert format_after_think(text) == ref_format("<think>" + text)
     ref = ref_last_answer(text)
     for max_span in (10_000, 3):  # the rewards' scan, also with a tiny span bound
-        fmt, present, span = _scan(text, max_span)
+        fmt, present, span = scan(text, max_span=max_span)
         assert fmt == ref_format("<think>" + text)
         assert present == (ref is not None)
         if ref is not None and len(ref) <= max_span:

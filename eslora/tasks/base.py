@@ -11,6 +11,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
+from eslora.errors import EsloraError
+
+
+class TaskError(EsloraError, ValueError):
+    """A task that cannot be built from its config (bad task.name, task.kwargs); names the key."""
+
+
+class DatasetError(EsloraError, ValueError):
+    """A data file or row that cannot be used; the message names file and row."""
+
 
 @dataclass(frozen=True)
 class Problem:
