@@ -75,6 +75,29 @@ def test_merged_model_generates_what_peft_base_plus_adapter_generates(tmp_path, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no partial folder left"
 
 
+def test_merged_model_keeps_the_base_dtype_rounding_once(tmp_path, tiny_model_path):
+    """A bf16 base: the merge runs in fp32 and is rounded to bf16 once, as PEFT's fp32 merge is."""
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.bfloat16).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (base / name).write_bytes((tiny_model_path / name).read_bytes())
+    run = make_run(tmp_path / "run", base)
+    merged = export_run(run, merge_to=tmp_path / "merged")
+
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                          str(run / "adapter")).merge_and_unload().to(torch.bfloat16).state_dict()
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        for key in f.keys():
+            assert torch.equal(f.get_tensor(key), reference[key]), key
+
+
 def test_exported_adapter_names_its_base_and_carries_card_and_tokenizer(tmp_path, tiny_model_path):
     run = make_run(tmp_path / "run", tiny_model_path)
     shipped = export_run(run)  # no merge, no push: finishes the adapter in place
