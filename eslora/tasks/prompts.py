@@ -56,6 +56,16 @@ def load_rows(source: str, split: str, config_name: str = "", revision: str = ""
     """The rows of a file or hub dataset split, in order, via `datasets.load_dataset`."""
     import datasets
 
+    quiet = not datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one bar per actor per load is noise in a run's log
+    try:
+        return _load(datasets, source, split, config_name, revision)
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+def _load(datasets: Any, source: str, split: str, config_name: str, revision: str) -> list[dict[str, Any]]:
     if is_file_source(source):
         path = Path(source)
         builder = FILE_BUILDERS.get(path.suffix.lower())
@@ -122,6 +132,9 @@ class PromptTask:
             fraction = float(opts["eval_fraction"])
             self.eval_rows = [r for r in rows if self._held_out(r, fraction)]
             self.train_rows = [r for r in rows if not self._held_out(r, fraction)]
+        if self.train_set_size > len(self.train_rows):
+            raise DatasetError(f"{source}: task.train_set_size={self.train_set_size} is more than the "
+                               f"{len(self.train_rows)} training rows")
         for what, got in (("training", self.train_rows), ("held-out", self.eval_rows)):
             if not got:
                 raise DatasetError(f"{source}: no {what} rows ({len(rows)} rows); set task.train_rows / task.eval_rows "

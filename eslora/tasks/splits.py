@@ -25,7 +25,8 @@ def parse_rows(spec: str, key: str) -> slice:
     """"start:stop" (either may be empty or negative, as in Python) -> slice; ValueError naming `key`."""
     m = _SLICE.fullmatch(spec)
     if m is None:
-        raise ValueError(f"{key}={spec!r}: use a python slice of rows, e.g. '0:200', '200:' or '-2000:'")
+        raise ValueError(f"{key}={spec!r}: use a python slice of rows, e.g. '0:200', '200:' or '-2000:', quoted "
+                         f"(YAML reads 1:30 as the number 90 and 200: as a mapping): {key}='\"200:\"'")
     start, stop = (None if g is None else int(g) for g in m.groups())
     return slice(start, stop)
 

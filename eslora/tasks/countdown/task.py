@@ -83,6 +83,9 @@ class CountdownTask:
         self._eval_rows: Optional[list[dict[str, Any]]] = None
         self._held_out_keys: Optional[set[str]] = None
         self._split(train_rows, eval_rows)
+        if self._train_rows is not None and self.train_set_size > len(self._train_rows):
+            raise DatasetError(f"{data_path}: task.train_set_size={train_set_size} is more than the "
+                               f"{len(self._train_rows)} training rows")
         self._fixed: Optional[list[Problem]] = None  # the fixed set of generated problems, built on first use
 
     @classmethod
