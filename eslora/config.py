@@ -22,10 +22,15 @@ class RunConfig:
     name: str = "demo"  # run folder name under `dir`
     dir: str = "runs"  # parent folder of all runs
     generations: int = 10  # ES generations (one ask/evaluate/tell each)
-    checkpoint_every: int = 5  # 0 = only at the end
+    # Keep the state of every Nth generation (0 = only the last); the last finished generation's
+    # state is on disk after every generation whatever N is, so a kill loses only the one in flight.
+    checkpoint_every: int = 5
     # Greedy held-out scores every N generations, before the first and after the last (0 = never).
     eval_every: int = 0
     time_limit_min: float = 0.0  # stop after the generation that passes this wall time (0 = none)
+    # Trackers of the per-generation scalars: tensorboard (a dependency), wandb, mlflow (extras).
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "eslora"  # wandb project / mlflow experiment name
 
 
 @dataclass
@@ -161,6 +166,9 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     resume: str = ""  # checkpoint file or run folder to resume from; "true" = this run's own folder
+    # Resume even if the checkpoint's config differs in what changes the run (model, lora, es, task):
+    # off, because such a resume silently continues a different experiment.
+    resume_force: bool = False
     adapter: str = ""  # `eslora eval`: PEFT adapter folder to score (empty = base model)
 
 
@@ -208,6 +216,9 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.run.generations >= 0, "run.generations must be >= 0"),
         (cfg.run.time_limit_min >= 0, "run.time_limit_min must be >= 0 (0 = no limit)"),
+        (cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = keep only the last state)"),
+        (all(t in ("tensorboard", "wandb", "mlflow") for t in cfg.run.report_to),
+         f"run.report_to={list(cfg.run.report_to)}: use any of tensorboard, wandb, mlflow"),
         (cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype!r}: use one of {', '.join(DTYPES)}"),
         (cfg.lora.r >= 1, "lora.r must be >= 1"),
         (cfg.lora.alpha > 0 and math.isfinite(cfg.lora.alpha), f"lora.alpha={cfg.lora.alpha} must be finite and > 0"),
