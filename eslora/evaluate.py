@@ -1,6 +1,8 @@
 """Greedy held-out scores of one adapter (a PEFT folder) or of the base model: `eslora eval`.
 
-The adapter is scored as saved: its own rank, alpha, modules and layers define the LoRA the
+Everything the driver can check is checked before an actor starts: the task (built with the
+model's tokenizer) and the adapter folder (its tensor names and shapes against the model). The
+adapter is scored as saved: its own rank, alpha, modules and layers define the LoRA the
 backend serves, so a new config is built for it (the caller's config is left as it was).
 """
 
@@ -11,10 +13,10 @@ import json
 import time
 from typing import Any
 
-from eslora.checkpoint import initial_strategy
 from eslora.config import Config
 from eslora.lora import LoraSpec
 from eslora.models import resolve_model
+from eslora.startup import build_task, check_adapter, initial_strategy
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
@@ -24,13 +26,13 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     (`reward`, and `answer` / `accuracy` where the task has a correct answer), `tokens`, `seconds`.
     """
     from eslora.cluster.pool import ActorPool
-    from eslora.lora import load_adapter
 
     model_path = resolve_model(cfg.model.name_or_path)
+    build_task(cfg, model_path)
     spec = LoraSpec.from_config(cfg.lora)
     tensors = None
     if cfg.adapter:
-        adapter = load_adapter(cfg.adapter)
+        adapter = check_adapter(cfg.adapter, model_path)
         if adapter.spec != spec:
             spec = adapter.spec
             cfg = dataclasses.replace(cfg, lora=dataclasses.replace(

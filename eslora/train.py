@@ -3,231 +3,195 @@
     python -m eslora.train CONFIG [key=value ...]      (same as `eslora train`; for `ray job submit`)
 
 The driver holds the fp32 master adapter and optimizer state. Actors get a copy once at start;
-afterwards only seeds and scalars travel. Every generation appends one JSON line to
-`metrics.jsonl`; a checkpoint of the last finished generation is written on any exit, so an
-interrupted run loses at most the generation in flight and resumes with `resume=true` (its own
-run folder) or `resume=RUN_DIR`.
+afterwards only seeds and scalars travel. Before any actor starts the driver checks what it can
+(trackers installed, run folder free, model, task, checkpoint and its config). Every generation
+appends one JSON line to `metrics.jsonl` and writes the ES state (`eslora.checkpoint`), so an
+interrupted run loses at most the generation in flight and resumes bit-identically with
+`resume=true` (its own run folder), `resume=RUN_DIR` or `resume=FILE.pt`.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
-from eslora.checkpoint import initial_strategy, load_checkpoint, save_checkpoint
-from eslora.config import Config, ConfigError, load_config, to_yaml
+from eslora.checkpoint import Checkpoints, load_checkpoint, resume
+from eslora.config import Config, to_dict, to_yaml
 from eslora.evaluate import evaluate
 from eslora.lora import Adapter, LoraSpec
+from eslora.metrics import METRICS, MetricsLogger, plot, read_metrics, repair_metrics
 from eslora.models import resolve_model
+from eslora.run_folder import RunFolder
+from eslora.startup import build_task, initial_strategy
+from eslora.summary import finish_run
+from eslora.tracking import check_trackers, open_trackers
 
-__all__ = ["evaluate", "load_checkpoint", "main", "run_dir", "save_checkpoint", "train"]
+__all__ = ["evaluate", "initial_strategy", "load_checkpoint", "main", "read_metrics", "run_dir", "train"]
+
+Callback = Callable[[dict[str, Any]], Any]  # called with each generation's record; True stops the run
 
 
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir) / cfg.run.name
 
 
-def train(cfg: Config) -> Path:
-    """Run ES as configured; returns the run folder."""
-    from tqdm import tqdm
+def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> Path:
+    """Run ES as configured; returns the run folder.
 
+    `callbacks`: functions called with each generation's metrics record (the dict written to
+    metrics.jsonl, before it is written); one returning True stops the run after that
+    generation, which is then held-out scored (if `run.eval_every`), checkpointed and finished
+    like a last generation.
+    """
     from eslora.cluster.pool import ActorPool
 
-    out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    model_path = resolve_model(cfg.model.name_or_path)
-    spec = LoraSpec.from_config(cfg.lora)
-    es = initial_strategy(cfg, model_path, spec)
-    if cfg.resume:
-        where = out if cfg.resume.lower() == "true" else Path(cfg.resume)
-        checkpoint = load_checkpoint(where)
-        es.load_state_dict(checkpoint["es"])
-        print(f"resumed from {where} at generation {es.generation}")
-    _truncate_metrics(out / "metrics.jsonl", es.generation)
+    started = time.monotonic()
+    check_trackers(cfg.run.report_to)
+    with RunFolder(run_dir(cfg), resume=bool(cfg.resume)) as folder:
+        out = folder.path
+        model_path = resolve_model(cfg.model.name_or_path)
+        build_task(cfg, model_path)
+        spec = LoraSpec.from_config(cfg.lora)
+        es = initial_strategy(cfg, model_path, spec)
+        if cfg.resume:
+            resume(es, cfg, out)
+        folder.accept(to_yaml(cfg))
+        repair_metrics(out / METRICS, es.generation)
+        first_generation = es.generation
 
-    num_params = sum(v.size for v in es.mean.values())
-    print(
-        f"eslora: model {model_path} | LoRA r={spec.r} on {len(es.mean) // 2} modules, {num_params:,} params | "
-        f"population {cfg.es.population} x {cfg.task.num_prompts} prompts x {cfg.task.max_new_tokens} tokens | "
-        f"backend {cfg.backend.name}, {cfg.cluster.num_actors or 'auto'} actor(s) | run folder {out}"
-    )
-    logger = MetricsLogger(out)
-    with ActorPool(cfg, model_path, es.state_dict) as pool:
-        initial_eval: dict[str, float] = {}
-        if cfg.run.eval_every and es.generation == 0:
-            # The initial mean has B = 0: this is the base model's held-out score, same problems.
-            score = pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
-            initial_eval = {f"eval_initial_{k}": v for k, v in score.parts.items()}
-            print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in score.parts.items()), flush=True)
-        deadline = time.monotonic() + 60 * cfg.run.time_limit_min if cfg.run.time_limit_min > 0 else float("inf")
-        try:
-            while es.generation < cfg.run.generations:
-                generation = es.generation
-                failures_before = pool.failures
-                population = es.ask()
-                started = time.perf_counter()
-                with tqdm(total=population.size, desc=f"gen {generation}", unit="member", leave=False) as bar:
-                    result = pool.evaluate(population, on_batch=lambda r: bar.update(len(r.members)))
-                stats = es.tell(population, result.fitness)
-                drifted = pool.tell(population, result.fitness, es.fingerprint())
-                record = {
-                    "generation": generation,
-                    "reward_mean": float(np.mean(result.fitness)),
-                    "reward_max": float(np.max(result.fitness)),
-                    "reward_min": float(np.min(result.fitness)),
-                    "reward_std": float(np.std(result.fitness)),
-                    "seconds": time.perf_counter() - started,
-                    "members": population.size,
-                    "tokens": int(result.tokens),
-                    **{f"{k}_mean": float(np.mean([p[k] for p in result.parts])) for k in result.parts[0] if k != "reward"},
-                    **{k: float(v) for k, v in stats.items() if k.startswith(("grad", "update"))},
-                    **{f"backend_{k}": float(v) for k, v in result.backend_stats.items()},
-                    "replicas_resynced": drifted,
-                    # The queue: who did what, and what faults cost (cluster/README.md).
-                    "actors": len(result.actors),
-                    "per_actor": result.actors,
-                    "calls_requeued": result.requeued,
-                    "actor_failures": result.failures,  # during evaluation; see actor_failures_all
-                    "driver_bytes_per_member": result.bytes_per_member,
-                    **initial_eval,
-                }
-                initial_eval = {}
-                if "exposed_handoff_s" in result.backend_stats and result.actors:
-                    # Share of the servers' time (actors x generation wall) spent idle waiting for
-                    # adapter hand-off; calls overlap on one server, so their own walls don't add up.
-                    record["backend_handoff_share"] = result.backend_stats["exposed_handoff_s"] / (record["seconds"] * len(result.actors))
-                # The last generation (by count or by run.time_limit_min) is always scored.
-                last = generation + 1 >= cfg.run.generations or time.monotonic() >= deadline
-                if cfg.run.eval_every and ((generation + 1) % cfg.run.eval_every == 0 or last):
-                    score = pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
-                    record.update({f"eval_{k}": v for k, v in score.parts.items()})
-                # Actors lost anywhere in this generation: evaluation, update replay or eval.
-                record["actor_failures_all"] = pool.failures - failures_before
-                logger.log(record)
-                if cfg.run.checkpoint_every and es.generation % cfg.run.checkpoint_every == 0:
-                    save_checkpoint(out, es, cfg)
-                if last and es.generation < cfg.run.generations:
-                    print(f"run.time_limit_min={cfg.run.time_limit_min:g} reached after {es.generation} generations", flush=True)
-                    break
-        finally:
-            # Nothing lost on failure: the last finished generation is always on disk.
-            save_checkpoint(out, es, cfg)
-            logger.close()
-    adapter_dir = Adapter(name="mean", spec=spec, tensors=es.mean).save(out / "adapter", base_model=model_path)
-    logger.plot(out / "curve.png")
-    print(f"done: {es.generation} generations; adapter {adapter_dir}; metrics {out / 'metrics.jsonl'}")
+        num_params = sum(v.size for v in es.mean.values())
+        print(
+            f"eslora: model {model_path} | LoRA r={spec.r} on {len(es.mean) // 2} modules, {num_params:,} params | "
+            f"population {cfg.es.population} x {cfg.task.num_prompts} prompts x {cfg.task.max_new_tokens} tokens | "
+            f"backend {cfg.backend.name}, {cfg.cluster.num_actors or 'auto'} actor(s) | run folder {out}",
+            flush=True,
+        )
+        logger = MetricsLogger(out, open_trackers(cfg.run.report_to, out, cfg.run.name, cfg.run.tracker_project, to_dict(cfg)))
+        checkpoints = Checkpoints(out, cfg.run.checkpoint_every)
+        with ActorPool(cfg, model_path, es.state_dict) as pool:
+            try:
+                _loop(cfg, es, pool, logger, checkpoints, callbacks)
+            except BaseException:
+                _save_after_failure(checkpoints, logger, es, cfg)  # the last finished generation stays on disk
+                raise
+            else:
+                checkpoints.save(es, cfg, keep=True)
+            finally:
+                logger.close()
+        adapter_dir = Adapter(name="mean", spec=spec, tensors=es.mean).save(out / "adapter", base_model=model_path)
+        plot(out / METRICS, out / "curve.png")
+        finish_run(cfg, out, adapter_dir, model_path, es.generation, es.generation - first_generation,
+                   time.monotonic() - started)
     return out
 
 
-# -- metrics -----------------------------------------------------------------------------------
-class MetricsLogger:
-    """metrics.jsonl (one object per generation), TensorBoard events, a one-line summary."""
+def _loop(cfg: Config, es: Any, pool: Any, logger: MetricsLogger, checkpoints: Checkpoints,
+          callbacks: Sequence[Callback]) -> None:
+    from tqdm import tqdm
 
-    def __init__(self, out: Path) -> None:
-        self.path = out / "metrics.jsonl"
-        self.writer = None
+    initial_eval: dict[str, float] = {}
+    if cfg.run.eval_every and es.generation == 0:
+        # The initial mean has B = 0: this is the base model's held-out score, same problems.
+        initial_eval = {f"eval_initial_{k}": v for k, v in _held_out(pool, es, cfg).items()}
+        print("held-out before training: " + ", ".join(f"{k[13:]} {v:.4f}" for k, v in initial_eval.items()), flush=True)
+    deadline = time.monotonic() + 60 * cfg.run.time_limit_min if cfg.run.time_limit_min > 0 else float("inf")
+    while es.generation < cfg.run.generations:
+        generation = es.generation
+        failures_before = pool.failures
+        population = es.ask()
+        started = time.perf_counter()
+        with tqdm(total=population.size, desc=f"gen {generation}", unit="member", leave=False) as bar:
+            result = pool.evaluate(population, on_batch=lambda r: bar.update(len(r.members)))
+        stats = es.tell(population, result.fitness)
+        drifted = pool.tell(population, result.fitness, es.fingerprint())
+        record = generation_record(cfg, generation, result, stats, time.perf_counter() - started)
+        record["replicas_resynced"] = drifted
+        record.update(initial_eval)
+        initial_eval = {}
+        if record["fitness_distinct"] == 1:
+            print(f"warning: gen {generation}: all {population.size} members scored {record['reward_mean']:.6g}: "
+                  "no fitness variance, so the update is zero (nothing learned from this generation)", flush=True)
+        # The last generation (by count or by run.time_limit_min) is always scored.
+        last = generation + 1 >= cfg.run.generations or time.monotonic() >= deadline
+        if cfg.run.eval_every and ((generation + 1) % cfg.run.eval_every == 0 or last):
+            record.update({f"eval_{k}": v for k, v in _held_out(pool, es, cfg).items()})
         try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            print("tensorboard not installed: no event files written", file=sys.stderr)
-
-    def log(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "generation" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["generation"])
-            self.writer.flush()
-        extra = "".join(f" {k[:-5]} {record[k]:.3f}" for k in ("answer_mean", "format_mean") if k in record)
-        faults = f" | {record['actor_failures_all']} actor(s) lost, {record['calls_requeued']} call(s) rerun" if record.get("actor_failures_all") else ""
-        print(
-            f"gen {record['generation']:4d} | reward mean {record['reward_mean']:.4f} max {record['reward_max']:.4f}"
-            f"{extra} | {record['seconds']:.1f} s | {record['tokens'] / max(record['seconds'], 1e-9):.0f} tok/s"
-            f" | {record.get('actors', 1)} actor(s){faults}",
-            flush=True,
-        )
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-    def plot(self, path: Path) -> Optional[Path]:
-        records = read_metrics(self.path)
-        if not records:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        gens = [r["generation"] for r in records]
-        accuracy = any("answer_mean" in r for r in records)  # tasks with a correct/incorrect answer
-        fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(12 if accuracy else 7, 4), squeeze=False)
-        ax = axes[0][0]
-        marker = "o" if len(gens) <= 60 else None
-        ax.plot(gens, [r["reward_mean"] for r in records], marker=marker, label="population mean reward")
-        ax.fill_between(gens, [r["reward_min"] for r in records], [r["reward_max"] for r in records], alpha=0.2, label="min-max")
-
-        def held_out(key: str) -> list[tuple[float, float]]:
-            # eval_* is the mean after generation g's update (x = g + 1); eval_initial_* is x = 0.
-            points = [(0, r[f"eval_initial_{key}"]) for r in records if f"eval_initial_{key}" in r]
-            return points + [(r["generation"] + 1, r[f"eval_{key}"]) for r in records if f"eval_{key}" in r]
-
-        if held_out("reward"):
-            ax.plot(*zip(*held_out("reward")), marker="s", label="held-out reward (mean adapter, greedy)")
-        ax.set_xlabel("generation")
-        ax.set_ylabel("reward")
-        ax.set_title(self.path.parent.name)
-        ax.legend()
-        if accuracy:
-            ax = axes[0][1]
-            ax.plot(gens, [100 * r.get("answer_mean", 0.0) for r in records], marker=marker, label="population mean accuracy (train problems)")
-            if held_out("answer"):
-                xs, ys = zip(*held_out("answer"))
-                ax.plot(xs, [100 * y for y in ys], marker="s", label="held-out accuracy (mean adapter, greedy)")
-            ax.set_xlabel("generation")
-            ax.set_ylabel("accuracy (%)")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+            stop = any([bool(callback(record)) for callback in callbacks])  # every callback sees every record
+        except BaseException:
+            logger.log(record)  # the generation is done: keep its line, then fail
+            raise
+        if stop and cfg.run.eval_every and "eval_reward" not in record:
+            record.update({f"eval_{k}": v for k, v in _held_out(pool, es, cfg).items()})
+        # Actors lost anywhere in this generation: evaluation, update replay or eval.
+        record["actor_failures_all"] = pool.failures - failures_before
+        logger.log(record)
+        checkpoints.save(es, cfg)
+        if stop:
+            print(f"stopped by a callback after generation {generation}", flush=True)
+            return
+        if last and es.generation < cfg.run.generations:
+            print(f"run.time_limit_min={cfg.run.time_limit_min:g} reached after {es.generation} generations", flush=True)
+            return
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def generation_record(cfg: Config, generation: int, result: Any, stats: dict[str, float], seconds: float) -> dict[str, Any]:
+    """The metrics of one generation (metrics.jsonl's keys; cluster/README.md for the queue's)."""
+    fitness = np.asarray(result.fitness, dtype=np.float64)
+    record: dict[str, Any] = {
+        "generation": generation,
+        "reward_mean": float(np.mean(fitness)),
+        "reward_max": float(np.max(fitness)),
+        "reward_min": float(np.min(fitness)),
+        "reward_std": float(np.std(fitness)),
+        # 1 = every member scored the same: shaping gives zero weights, the step is zero.
+        "fitness_distinct": int(np.unique(fitness).size),
+        "seconds": seconds,
+        "members": len(fitness),
+        "tokens": int(result.tokens),
+        **{f"{k}_mean": float(np.mean([p[k] for p in result.parts])) for k in result.parts[0] if k != "reward"},
+        **{k: float(v) for k, v in stats.items() if k.startswith(("grad", "update"))},
+        **{f"backend_{k}": float(v) for k, v in result.backend_stats.items()},
+        "actors": len(result.actors),
+        "per_actor": result.actors,
+        "calls_requeued": result.requeued,
+        "actor_failures": result.failures,  # during evaluation; see actor_failures_all
+        "driver_bytes_per_member": result.bytes_per_member,
+    }
+    if "answer" in result.parts[0]:
+        # `answer` is each member's share of correct answers over the generation's prompts.
+        record["correct_completions"] = int(round(sum(p["answer"] for p in result.parts) * cfg.task.num_prompts))
+    if "exposed_handoff_s" in result.backend_stats and result.actors:
+        # Share of the servers' time (actors x generation wall) spent idle waiting for adapter
+        # hand-off; calls overlap on one server, so their own walls don't add up.
+        record["backend_handoff_share"] = result.backend_stats["exposed_handoff_s"] / (seconds * len(result.actors))
+    return record
 
 
-def _truncate_metrics(path: Path, generation: int) -> None:
-    """On a fresh start drop old lines; on resume keep only generations before the resume point."""
-    records = [r for r in read_metrics(path) if r["generation"] < generation]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+def _held_out(pool: Any, es: Any, cfg: Config) -> dict[str, float]:
+    """Greedy held-out scores of the current mean adapter."""
+    return pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens).parts
+
+
+def _save_after_failure(checkpoints: Checkpoints, logger: MetricsLogger, es: Any, cfg: Config) -> None:
+    """Keep the newest state that matches metrics.jsonl: a generation whose line was written but
+    whose state was not (the save failed) is saved again; one not logged yet was in flight."""
+    if logger.last_generation == es.generation - 1 and checkpoints.saved_generation != es.generation:
+        try:
+            checkpoints.save(es, cfg, keep=True)
+        except Exception as err:  # e.g. the disk is still full: report it, keep the original error
+            print(f"warning: the state of generation {es.generation} was not saved: {err}", file=sys.stderr, flush=True)
+    checkpoints.keep_latest()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    try:
-        cfg = load_config(argv[0], argv[1:])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    train(cfg)
-    return 0
+    """`python -m eslora.train ...` is `eslora train ...` (the CLI owns argv)."""
+    from eslora.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

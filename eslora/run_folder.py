@@ -1,0 +1,77 @@
+"""A run's folder `run.dir/run.name`: one run per folder, one process per run, nothing destroyed.
+
+- A fresh run (no `resume`) of a folder that already holds a run is refused: the earlier run's
+  files stay byte-identical (choose another `run.name`, or `resume=true` to continue it).
+- A lock (`.lock`, an flock held for the process's lifetime, released by the kernel even on
+  SIGKILL) refuses a second process on the same folder.
+- `config.yaml` is written by `accept`, once the driver has checked everything it can.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import IO, Optional
+
+from eslora.errors import EsloraError
+from eslora.files import write_atomic
+
+LOCK = ".lock"
+CONFIG = "config.yaml"
+RUN_FILES = (CONFIG, "checkpoints", "adapter", "metrics.jsonl")  # any of them: the folder holds a run
+
+
+class RunFolderError(EsloraError, RuntimeError):
+    """A run folder that this run may not use (holds another run, or is in use)."""
+
+
+class RunFolder:
+    """The locked folder of one run; use as a context manager (the lock is released on exit)."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path = Path(path)
+        self._lock: Optional[IO[str]] = None
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._acquire()
+        try:
+            held = [name for name in RUN_FILES if (self.path / name).exists()]
+            if held and not resume:
+                raise RunFolderError(
+                    f"run folder {self.path} already holds a run ({', '.join(held)}); nothing was changed. "
+                    "Continue it with resume=true, or choose another run.name"
+                )
+        except BaseException:
+            self.release()
+            raise
+
+    def _acquire(self) -> None:
+        lock = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "unknown"
+            lock.close()
+            raise RunFolderError(f"run folder {self.path} is in use by another eslora run (pid {owner}); "
+                                 "wait for it to end or choose another run.name") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
+
+    def accept(self, config_yaml: str) -> None:
+        """The run starts: write its resolved config (the only write before training)."""
+        write_atomic(self.path / CONFIG, config_yaml.encode())
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
