@@ -156,10 +156,17 @@ def peft_model_with(model, adapter: Adapter, base_model: str = ""):
     """
     from peft import get_peft_model, set_peft_model_state_dict
 
+    if not adapter.tensors:
+        raise AdapterError(f"adapter {adapter.name!r} holds no tensors")
     peft_model = get_peft_model(model, adapter.spec.peft_config(base_model))
     dtype = next(model.parameters()).dtype
     state = {k: torch.from_numpy(np.array(v)).to(dtype) for k, v in adapter.tensors.items()}
-    result = set_peft_model_state_dict(peft_model, state)
+    try:
+        result = set_peft_model_state_dict(peft_model, state)
+    except RuntimeError as err:  # torch's "size mismatch for <name>": trained for another model
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else repr(err))
+        raise AdapterError(f"adapter {adapter.name!r} does not fit the model: {detail}") from None
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
         raise AdapterError(

@@ -247,6 +247,17 @@ def test_a_crafted_adapter_is_refused_naming_the_file_and_runs_nothing(tmp_path,
     assert not (tmp_path / "merged").exists() and not (adapter / "README.md").exists()
 
 
+def test_an_adapter_for_another_model_is_refused_before_writing(tmp_path, tiny_model_path):
+    run = make_run(tmp_path / "run", tiny_model_path)
+    adapter = load_adapter(run / "adapter")
+    wider = {k: np.zeros((v.shape[0] + 1, v.shape[1]), np.float32) if "lora_A" in k else v
+             for k, v in adapter.tensors.items()}  # rank 3 tensors under a rank 2 config
+    Adapter("other", adapter.spec, wider).save(run / "adapter")
+    with pytest.raises(AdapterError, match="does not fit the model: size mismatch"):
+        export_run(run, merge_to=tmp_path / "merged")
+    assert not (tmp_path / "merged").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_an_adapter_config_that_is_not_json_is_refused_naming_it(tmp_path, tiny_model_path):
     adapter = make_run(tmp_path / "run", tiny_model_path) / "adapter"
     (adapter / "adapter_config.json").write_text("r: 2\n")
