@@ -59,25 +59,18 @@ def finish_adapter(adapter_dir: Path, model_path: str, base_model: str, card: Ma
     _write_atomic(adapter_dir / CARD_JSON, json.dumps(card, indent=2, default=str) + "\n")
 
 
-def run_card(cfg: Config, records: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The model card's facts from a run's config and its metrics.jsonl records (held-out scores:
-    `eval_initial_*` before training, the last record's `eval_*` after)."""
-    before = {k[len("eval_initial_"):]: v for r in records for k, v in r.items() if k.startswith("eval_initial_")}
-    evals = [r for r in records if any(k.startswith("eval_") and not k.startswith("eval_initial_") for k in r)]
-    after = {k[len("eval_"):]: v for k, v in evals[-1].items()
-             if k.startswith("eval_") and not k.startswith("eval_initial_")} if evals else {}
-    es = cfg.es
+def run_card(cfg: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The model card's facts from a run's config and metrics.jsonl records: what
+    `eslora.summary.finish_run` gives `finish_adapter` at the end of a run."""
+    from eslora.config import to_dict
+    from eslora.summary import held_out_scores
+
+    before, after = held_out_scores(records)
+    config = to_dict(cfg)
     return {
-        "task": cfg.task.name,
-        "task_settings": {"num_prompts": cfg.task.num_prompts, "max_new_tokens": cfg.task.max_new_tokens,
-                          "eval_prompts": cfg.task.eval_prompts},
-        "es": {"population": es.population, "sigma": es.sigma, "lr": es.lr, "optimizer": es.optimizer,
-               "shaping": es.shaping, "antithetic": es.antithetic, "seed": es.seed},
-        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": ",".join(cfg.lora.target_modules),
-                 "layers": "all" if cfg.lora.layers is None else ",".join(map(str, cfg.lora.layers))},
-        "held_out_before": before,
-        "held_out_after": after,
+        "task": cfg.task.name, "task_settings": config["task"], "es": config["es"], "lora": config["lora"],
         **({"generations": records[-1]["generation"] + 1} if records else {}),
+        "held_out_before": before, "held_out_after": after,
     }
 
 
@@ -123,9 +116,10 @@ def render_card(base_model: str, card: Mapping[str, Any], merged: bool = False) 
         f"along the fitness-weighted sum of the perturbations).",
         "",
         f"- **Base model:** `{base_model}`",
-        *_settings_lines(card),
+        *_fact_lines(card),
         "",
         *_score_lines(card),
+        *_settings_lines(card),
         "## How to use",
         "",
         *(_merged_usage(base_model) if merged else _adapter_usage(base_model)),
@@ -133,26 +127,25 @@ def render_card(base_model: str, card: Mapping[str, Any], merged: bool = False) 
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
-def _settings_lines(card: Mapping[str, Any]) -> list[str]:
-    lines = []
-    if "task" in card:
-        lines.append(f"- **Task:** `{card['task']}`" + _inline(card.get("task_settings")))
+_SETTINGS = {"es": "es", "lora": "lora", "task_settings": "task"}  # card key -> section shown
+
+
+def _fact_lines(card: Mapping[str, Any]) -> list[str]:
+    lines = [f"- **Task:** `{card['task']}`"] if "task" in card else []
     if "generations" in card:
         lines.append(f"- **Generations:** {card['generations']}")
-    for key, label in (("es", "ES settings"), ("lora", "LoRA")):
-        if card.get(key):
-            lines.append(f"- **{label}:**{_inline(card[key])}")
-    known = {"task", "task_settings", "generations", "es", "lora", "held_out_before", "held_out_after", "base_model"}
-    lines += [f"- **{k}:** {v}" for k, v in card.items() if k not in known]
-    return lines
+    known = {"task", "generations", "held_out_before", "held_out_after", *_SETTINGS}
+    return lines + [f"- **{k}:** {v}" for k, v in card.items() if k not in known]
 
 
-def _inline(settings: Any) -> str:
+def _settings_lines(card: Mapping[str, Any]) -> list[str]:
+    import yaml
+
+    settings = {name: card[key] for key, name in _SETTINGS.items() if card.get(key)}
     if not settings:
-        return ""
-    if isinstance(settings, Mapping):
-        return " " + ", ".join(f"`{k}={v}`" for k, v in settings.items())
-    return f" {settings}"
+        return []
+    plain = json.loads(json.dumps(settings, default=str))  # tuples, paths -> YAML-safe values
+    return ["## Training settings", "", "```yaml", yaml.safe_dump(plain, sort_keys=False).rstrip(), "```", ""]
 
 
 def _score_lines(card: Mapping[str, Any]) -> list[str]:
@@ -264,9 +257,9 @@ def export_run(run_dir: Path, merge_to: Optional[Path] = None, push_to_hub: Opti
         raise ExportError(f"the run's base model (model.name_or_path={base_model}) is not available: {err}") from None
     adapter = load_adapter(adapter_dir)
     if not (adapter_dir / CARD_JSON).is_file():  # a run older than finish_adapter
-        metrics = run_dir / "metrics.jsonl"
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
-        finish_adapter(adapter_dir, model_path, base_model, run_card(cfg, records), revision)
+        from eslora.metrics import METRICS, read_metrics
+
+        finish_adapter(adapter_dir, model_path, base_model, run_card(cfg, read_metrics(run_dir / METRICS)), revision)
     shipped = adapter_dir
     if merge_to is not None:
         try:

@@ -109,7 +109,7 @@ def test_exported_adapter_names_its_base_and_carries_card_and_tokenizer(tmp_path
     card = (shipped / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card
     assert "- eslora" in card and "- evolution-strategies" in card
-    assert "`conciseness`" in card and "population=8" in card
+    assert "`conciseness`" in card and "  population: 8\n" in card and "  sigma: 0.3\n" in card
     assert "base_model:" not in card, "a local path is no hub id: the hub would refuse the card"
 
     from peft import PeftModel
