@@ -31,15 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import requests  # noqa: E402
 
 from bench.common import ROOT, generation_inputs, median, out_path, write_json  # noqa: E402
+from eslora.backends import make_backend  # noqa: E402
 from eslora.backends.base import Sampling  # noqa: E402
 from eslora.backends.server import ServerProcess, free_port  # noqa: E402
-from eslora.backends.sglang import SGLangBackend, build_command  # noqa: E402
+from eslora.backends.sglang import build_command  # noqa: E402
 from eslora.config import load_config  # noqa: E402
+from eslora.lora import LoraSpec  # noqa: E402
 
 
 def plain_command(cfg, model_path: str, port: int) -> list[str]:
     """The LoRA server's command without any LoRA flag: the same server, minus multi-LoRA."""
-    cmd = build_command(cfg, model_path, port)
+    cmd = build_command(cfg.backend, LoraSpec.from_config(cfg.lora), cfg.model.dtype, model_path, port)
     drop_with_values = {"--max-loras-per-batch": 1, "--max-lora-rank": 1, "--lora-backend": 1,
                         "--max-loaded-loras": 1, "--lora-target-modules": len(cfg.lora.target_modules)}
     out, i = [], 0
@@ -92,7 +94,7 @@ def main() -> int:
     record: dict = {"config": args.config, "overrides": args.overrides, "members": len(members),
                     "prompts": len(prompts), "max_new_tokens": cfg.task.max_new_tokens, "max_loras_per_batch": n}
 
-    backend = SGLangBackend(cfg, args.model)
+    backend = make_backend(cfg.backend, args.model, LoraSpec.from_config(cfg.lora), cfg.model.dtype)
     try:
         t0 = time.perf_counter()
         backend.start()
@@ -138,7 +140,7 @@ def main() -> int:
 
     if args.plain:
         port = free_port()
-        server = ServerProcess(plain_command(cfg, args.model, port), port=port, env={"HF_HUB_OFFLINE": "1"}, name="sglang-plain")
+        server = ServerProcess(plain_command(cfg, args.model, port), port=port, name="sglang-plain")
         try:
             record["plain_server_start_s"] = server.start(timeout_s=cfg.backend.sglang.start_timeout_s)
             plain = [base_generation(server.url, prompts, len(members), n, cfg.task.max_new_tokens) for _ in range(args.repeats + 1)]

@@ -17,7 +17,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from eslora.backends.base import Backend, Sampling, make_backend
+from eslora.backends import make_backend
+from eslora.backends.base import Backend, Sampling
 from eslora.config import Config
 from eslora.es import EvolutionStrategy, Population
 from eslora.lora import Adapter, LoraSpec
@@ -66,7 +67,7 @@ class Worker:
         self.es.load_state_dict(dict(es_state))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.task = make_task(cfg.task, self.tokenizer)
-        self.backend = backend or make_backend(cfg, model_path)
+        self.backend = backend or make_backend(cfg.backend, model_path, self.spec, cfg.model.dtype, seed=cfg.es.seed)
         self.backend.start()
         # The actor may run two calls at once (cluster.calls_in_flight); backends that cannot
         # serve concurrent generate() calls get them one at a time.

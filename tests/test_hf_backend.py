@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from eslora.backends.base import BackendError, Sampling
+from eslora.backends import make_backend
+from eslora.backends.base import BackendError, CallStats, Sampling
 from eslora.backends.hf import HFBackend
 from eslora.config import load_config
 from eslora.lora import Adapter, LoraSpec, adapter_shapes, load_adapter
@@ -23,7 +24,8 @@ def setup(tiny_model_path):
     cfg = load_config(None, ["backend.max_loras_per_batch=2", "lora.layers=null"])
     spec = LoraSpec.from_config(cfg.lora)
     shapes = adapter_shapes(str(tiny_model_path), spec)
-    backend = HFBackend(cfg, str(tiny_model_path))
+    backend = make_backend(cfg.backend, str(tiny_model_path), spec, cfg.model.dtype)
+    assert isinstance(backend, HFBackend)
     backend.start()
     yield cfg, spec, shapes, backend
     backend.stop()
@@ -63,14 +65,40 @@ def test_saved_adapter_roundtrip(setup, tmp_path):
 def test_bad_adapters_rejected(setup):
     cfg, spec, shapes, backend = setup
     too_big = Adapter("big", LoraSpec(r=4, alpha=2.0, target_modules=spec.target_modules, layers=None), {})
-    with pytest.raises(ValueError, match="exceeds"):
+    # BackendError (not a bare ValueError): a deterministic problem, so the run stops at once.
+    with pytest.raises(BackendError, match="exceeds"):
         backend.generate(PROMPTS, [too_big], Sampling(max_new_tokens=2))
     paths = Adapter("paths", LoraSpec(r=1, target_modules=("model.layers.0.self_attn.q_proj",), layers=None), {})
-    with pytest.raises(ValueError, match="layers_to_transform"):
+    with pytest.raises(BackendError, match="layers_to_transform"):
         backend.generate(PROMPTS, [paths], Sampling(max_new_tokens=2))
     other = Adapter("other", LoraSpec(r=1, target_modules=("q_proj",), layers=None), {})
     with pytest.raises(BackendError, match="differs"):
         backend.generate(PROMPTS, [other], Sampling(max_new_tokens=2))
+
+
+def test_stats_are_the_call_stats_of_each_call(setup):
+    """The same CallStats keys as the server backends (tests/test_server_vllm.py checks vLLM
+    against this one), numbers of this call only."""
+    cfg, spec, shapes, backend = setup
+    adapters = [random_adapter(shapes, spec, s) for s in (4, 5, 6)]
+    out = backend.generate(PROMPTS, [None, *adapters], Sampling(max_new_tokens=5))
+    stats = backend.stats
+    assert list(stats) == list(CallStats().as_dict())
+    assert all(isinstance(v, float) for v in stats.values())
+    assert stats["members"] == 4 and stats["prompts"] == len(PROMPTS)
+    assert stats["batches"] == 3  # the base row alone, then 3 adapters at 2 per batch
+    assert stats["tokens"] == sum(c.num_tokens for row in out for c in row)
+    assert 0 < stats["generate_s"] <= stats["wall_s"] and stats["load_s"] > 0
+    assert stats["restarts"] == stats["server_start_s"] == stats["write_s"] == 0.0  # no server, no files
+    backend.generate(PROMPTS[:1], adapters[:1], Sampling(max_new_tokens=2))
+    assert backend.stats["members"] == 1 and backend.stats["batches"] == 1, "per call, not a running total"
+    assert backend.history[-1]["tokens_per_s"] > 0
+
+
+def test_unknown_dtype_is_refused_naming_the_key(tiny_model_path):
+    cfg = load_config(None, [])
+    with pytest.raises(BackendError, match="model.dtype='int8'"):
+        HFBackend(cfg.backend, str(tiny_model_path), LoraSpec.from_config(cfg.lora), "int8")
 
 
 def test_load_adapter_refuses_per_layer_paths(tmp_path):

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import requests
 
-from eslora.backends.base import BackendError, Sampling
+from eslora.backends import make_backend
+from eslora.backends.base import BackendError, CallStats, Sampling, ServerCrashed
 from eslora.config import load_config
 from eslora.lora import Adapter, LoraSpec, adapter_shapes
 from peft_reference import peft_generate
@@ -52,8 +53,6 @@ def setup(tiny_model_path, tmp_path_factory):
             f"no vLLM environment at {VLLM_PYTHON} (set ESLORA_VLLM_PYTHON or run "
             "`bash scripts/setup_vllm_env.sh .venv-vllm`)"
         )
-    from eslora.backends.vllm import VLLMBackend
-
     cfg = load_config(None, [
         "backend.name=vllm",
         f"backend.max_loras_per_batch={PER_BATCH}",
@@ -67,7 +66,7 @@ def setup(tiny_model_path, tmp_path_factory):
     ])
     spec = LoraSpec.from_config(cfg.lora)
     shapes = adapter_shapes(str(tiny_model_path), spec)
-    backend = VLLMBackend(cfg, str(tiny_model_path))
+    backend = make_backend(cfg.backend, str(tiny_model_path), spec, cfg.model.dtype, seed=cfg.es.seed)
     backend.start()
     yield cfg, spec, shapes, backend
     shm = list(backend._shm_files)
@@ -218,6 +217,42 @@ def test_bad_adapters_give_clear_errors_and_server_stays_healthy(setup, tiny_mod
     assert len(texts(backend.generate(PROMPTS, [good], GREEDY))[0]) == len(PROMPTS)
 
 
+def test_stats_have_the_hf_backends_keys_and_the_calls_own_numbers(setup, tiny_model_path):
+    """The CallStats contract: vLLM and hf report the same keys, with the same counts for the
+    same call (fp32 greedy: the same tokens); write_s, load_s and unload_s are this call's."""
+    cfg, spec, shapes, backend = setup
+    adapters = [random_adapter(shapes, spec, s) for s in (61, 62, 63, 64, 65)]  # 4 + 1
+    rows = [None, *adapters]
+    backend.generate(PROMPTS, rows, GREEDY)
+    vllm_stats = backend.stats
+    hf = make_backend(load_config(None, [f"backend.max_loras_per_batch={PER_BATCH}", "lora.layers=null"]).backend,
+                      str(tiny_model_path), spec, "float32")
+    with hf:
+        hf.generate(PROMPTS, rows, GREEDY)
+        hf_stats = hf.stats
+    assert list(vllm_stats) == list(hf_stats) == list(CallStats().as_dict())
+    for key in ("members", "prompts", "batches", "tokens"):
+        assert vllm_stats[key] == hf_stats[key], key
+    assert vllm_stats["batches"] == 3  # the base row alone, then 4 + 1 adapters
+    # write_s was lost inside a comment before; every LoRA member's files are written per call.
+    assert vllm_stats["write_s"] > 0 and vllm_stats["load_s"] > 0 and vllm_stats["unload_s"] > 0
+    assert vllm_stats["exposed_handoff_s"] == pytest.approx(
+        vllm_stats["write_s"] + vllm_stats["load_s"] + vllm_stats["unload_s"])
+    assert vllm_stats["restarts"] == 0 and vllm_stats["server_start_s"] == 0  # started before this call
+    backend.generate(PROMPTS, [None], GREEDY)
+    assert backend.stats["write_s"] == backend.stats["load_s"] == 0.0, "per call, not a running total"
+
+
+def test_server_gets_the_users_environment_offline_only_if_set(setup):
+    """Offline is the user's choice: HF_HUB_OFFLINE reaches the server only if set here."""
+    cfg, spec, shapes, backend = setup
+    environ = Path(f"/proc/{backend.server.process.pid}/environ").read_bytes().split(b"\0")
+    server = dict(entry.decode().split("=", 1) for entry in environ if b"=" in entry)
+    assert server.get("HF_HUB_OFFLINE") == os.environ.get("HF_HUB_OFFLINE")
+    assert server["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert server["PATH"] == os.environ["PATH"]
+
+
 def test_server_killed_mid_batch_is_restarted_and_batch_rerun(setup):
     """Runs last: it uses the module's one restart and ends with the server dead."""
     cfg, spec, shapes, backend = setup
@@ -225,13 +260,13 @@ def test_server_killed_mid_batch_is_restarted_and_batch_rerun(setup):
     sampling = Sampling(max_new_tokens=48)
     ref = backend.generate(PROMPTS, adapters, sampling)
     old_pid = backend.server.process.pid
-    loads = len(backend.timings["load_s"])
+    loads = backend.loaded_count
     killed = threading.Event()
 
     def kill_after_loads():
         # Adapters loaded, completions in flight: SIGKILL the whole server process group.
         deadline = time.monotonic() + 120
-        while len(backend.timings["load_s"]) < loads + len(adapters) and time.monotonic() < deadline:
+        while backend.loaded_count < loads + len(adapters) and time.monotonic() < deadline:
             time.sleep(0.001)
         backend.server.kill()
         killed.set()
@@ -243,13 +278,16 @@ def test_server_killed_mid_batch_is_restarted_and_batch_rerun(setup):
     assert killed.is_set()
     assert backend.restarts == 1 and backend.server.process.pid != old_pid and backend.healthy()
     assert backend.stats["restarts"] == 1  # what the worker logs for this call
+    assert backend.stats["server_start_s"] > 0, "the restart's start is reported by the call it served"
     assert [[(c.text, c.num_tokens) for c in row] for row in got] == [[(c.text, c.num_tokens) for c in row] for row in ref]
 
     # Past backend.max_restarts a dead server is an error naming the cause, not a hang.
     backend.max_restarts = backend.restarts
     try:
         backend.server.kill()
-        with pytest.raises(BackendError, match="already restarted 1 times"):
+        with pytest.raises(BackendError, match="already restarted 1 times") as err:
             backend.generate(PROMPTS, adapters[:1], GREEDY)
+        # The fault class the pool acts on: the actor is lost (its calls rerun), not a bad input.
+        assert isinstance(err.value, ServerCrashed)
     finally:
         backend.max_restarts = int(cfg.backend.max_restarts)

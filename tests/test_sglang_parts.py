@@ -1,19 +1,40 @@
-"""The SGLang backend's pure parts, on CPU: the server command line and hand-off accounting.
-(The backend itself runs against a real server in tests/test_sglang_gpu.py.)"""
+"""The SGLang backend on CPU: the server command line, hand-off accounting, and the backend's
+own logic (start, self-check, batches, restart, per-call stats, environment) against a stand-in
+for `python -m sglang.launch_server`. SGLang itself needs a GPU: the backend against a real
+SGLang server is tests/test_sglang_gpu.py; the stand-in only answers SGLang's HTTP API."""
+
+import textwrap
 
 import pytest
+import requests
 
-from eslora.backends.sglang import build_command, uncovered
+from eslora.backends import make_backend
+from eslora.backends.base import BackendError, CallStats, Sampling, ServerCrashed
+from eslora.backends.sglang import SGLangBackend, build_command, uncovered
 from eslora.config import load_config
+from eslora.lora import Adapter, LoraSpec
 
 
 def test_command_binds_loopback_and_names_lora_limits():
     cfg = load_config("configs/countdown_sglang.yaml", ["lora.r=2", "lora.target_modules=[q_proj,v_proj]"])
-    cmd = build_command(cfg, "/models/m", 31000)
+    cmd = build_command(cfg.backend, LoraSpec.from_config(cfg.lora), cfg.model.dtype, "/models/m", 31000)
     joined = " ".join(cmd)
     assert "--host 127.0.0.1 --port 31000" in joined
     assert "--max-loras-per-batch 8" in joined and "--max-lora-rank 2" in joined
     assert cmd[cmd.index("--lora-target-modules") + 1 : cmd.index("--lora-target-modules") + 3] == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_command_honours_model_dtype(dtype):
+    cfg = load_config("configs/countdown_sglang.yaml", [f"model.dtype={dtype}"])
+    cmd = build_command(cfg.backend, LoraSpec.from_config(cfg.lora), cfg.model.dtype, "/models/m", 31000)
+    assert cmd[cmd.index("--dtype") + 1] == dtype
+
+
+def test_unknown_dtype_is_refused_naming_the_key():
+    cfg = load_config("configs/countdown_sglang.yaml")
+    with pytest.raises(BackendError, match="model.dtype='int8'"):
+        SGLangBackend(cfg.backend, "/models/m", LoraSpec.from_config(cfg.lora), "int8")
 
 
 @pytest.mark.parametrize(
@@ -28,3 +49,148 @@ def test_command_binds_loopback_and_names_lora_limits():
 )
 def test_exposed_wait_excludes_time_hidden_by_generation(start, end, intervals, expected):
     assert uncovered(start, end, intervals) == pytest.approx(expected)
+
+
+# A stand-in for `python -m sglang.launch_server` (found first on PYTHONPATH): SGLang's health,
+# load/unload and native /generate endpoints on the port it is given. A completion is a digest of
+# the adapter file's bytes and the prompt, so the same weights give the same text on any server.
+STAND_IN = textwrap.dedent('''
+    import hashlib, http.server, json, os, sys
+    argv = sys.argv[1:]
+    port = int(argv[argv.index("--port") + 1])
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    loaded = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                return self.answer(200, {})
+            if self.path == "/env":
+                return self.answer(200, {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE"), "argv": argv})
+            self.answer(404, {"message": "no such path"})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/load_lora_adapter":
+                weights = os.path.join(body["lora_path"], "adapter_model.safetensors")
+                if not os.path.isfile(weights):
+                    return self.answer(400, {"message": "no adapter at " + body["lora_path"]})
+                loaded[body["lora_name"]] = hashlib.sha256(open(weights, "rb").read()).hexdigest()[:12]
+                return self.answer(200, {"success": True, "loaded_adapters": sorted(loaded)})
+            if self.path == "/unload_lora_adapter":
+                loaded.pop(body["lora_name"], None)
+                return self.answer(200, {"success": True})
+            if self.path == "/generate":
+                names = body.get("lora_path") or [None] * len(body["text"])
+                if any(n is not None and n not in loaded for n in names):
+                    return self.answer(400, {"message": "unknown adapter"})
+                out = [{"text": (loaded[n] if n else "base") + "|" + t[:8], "meta_info": {"completion_tokens": 3}}
+                       for n, t in zip(names, body["text"])]
+                return self.answer(200, out)
+            self.answer(404, {"message": "no such path"})
+
+        def log_message(self, *args):
+            pass
+
+    http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+''')
+
+PROMPTS = ["the cat sat on", "numbers and words"]
+
+
+@pytest.fixture
+def stand_in(tiny_model_path, tmp_path, monkeypatch):
+    """An SGLangBackend (from the config, through make_backend) whose server is the stand-in."""
+    package = tmp_path / "site" / "sglang"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "launch_server.py").write_text(STAND_IN)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cfg = load_config("configs/countdown_sglang.yaml", [
+        "lora.layers=null", "backend.max_loras_per_batch=2", "backend.max_restarts=2",
+        f"backend.sglang.adapter_dir={tmp_path / 'adapters'}", "backend.sglang.start_timeout_s=60",
+    ])
+    backends = []
+
+    def build():
+        backend = make_backend(cfg.backend, str(tiny_model_path), LoraSpec.from_config(cfg.lora), cfg.model.dtype)
+        backends.append(backend)
+        return backend
+
+    yield build
+    for backend in backends:
+        backend.stop()
+        assert not backend.adapter_root.exists(), "stop() must delete the adapter folder"
+
+
+def server_env(backend) -> dict:
+    return requests.get(backend.url + "/env", timeout=30).json()
+
+
+def test_restarts_are_counted_per_call_and_batches_rerun(stand_in):
+    backend = stand_in()
+    assert isinstance(backend, SGLangBackend)
+    backend.start()
+    assert len(set(backend.self_check_outputs)) == 3  # base and two random adapters differ
+    members = [backend.random_adapter(f"m{i}", seed=i, scale=0.1) for i in range(5)]  # 2 + 2 + 1
+    sampling = Sampling(max_new_tokens=4)
+    reference = backend.generate(PROMPTS, [None, *members], sampling)
+    backend.drain()
+    first = backend.stats
+    assert list(first) == list(CallStats().as_dict())
+    assert first["batches"] == 4 and first["members"] == 6 and first["restarts"] == 0
+    assert first["server_start_s"] > 0, "the first start is reported by the first call"
+    assert first["write_s"] > 0 and first["load_s"] > 0 and first["tokens"] == 6 * len(PROMPTS) * 3
+
+    old = backend.server.process.pid
+    backend.server.kill()  # a crash between calls: found by the next request, rerun on a fresh server
+    again = backend.generate(PROMPTS, [None, *members], sampling)
+    backend.drain()
+    assert [[c.text for c in row] for row in again] == [[c.text for c in row] for row in reference]
+    assert backend.server.process.pid != old and backend.restarts == 1
+    assert backend.stats["restarts"] == 1 and backend.stats["server_start_s"] > 0
+    backend.generate(PROMPTS, members[:1], sampling)
+    # Per call, so the driver's sum over calls is the number of restarts (was a lifetime total).
+    assert backend.stats["restarts"] == 0 and backend.stats["server_start_s"] == 0
+    assert sum(record["restarts"] for record in backend.history) == backend.restarts == 1
+
+
+def test_restart_budget_spent_is_server_crashed(stand_in):
+    backend = stand_in()
+    backend.max_restarts = 0
+    backend.start()
+    backend.server.kill()
+    with pytest.raises(ServerCrashed, match="already restarted 0 times"):
+        backend.generate(PROMPTS, [backend.random_adapter("z", seed=5, scale=0.1)], Sampling(max_new_tokens=4))
+
+
+def test_refused_requests_are_backend_errors_not_crashes(stand_in):
+    backend = stand_in()
+    backend.start()
+    with pytest.raises(BackendError, match="no adapter at /nonexistent") as err:
+        backend._post(backend.load_path, {"lora_name": "x", "lora_path": "/nonexistent"})
+    assert not isinstance(err.value, ServerCrashed) and backend.healthy() and backend.restarts == 0
+    too_big = LoraSpec(r=backend.max_lora_rank + 1, target_modules=backend.spec.target_modules, layers=None)
+    with pytest.raises(BackendError, match="max LoRA rank"):
+        backend.generate(PROMPTS, [Adapter("big", too_big, {})], Sampling(max_new_tokens=4))
+
+
+def test_server_sees_the_users_environment_offline_only_when_set(stand_in, monkeypatch):
+    backend = stand_in()
+    backend.start()
+    assert server_env(backend)["HF_HUB_OFFLINE"] is None, "offline must not be forced"
+    assert "--dtype" in server_env(backend)["argv"]
+    backend.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = stand_in()
+    offline.start()
+    assert server_env(offline)["HF_HUB_OFFLINE"] == "1", "the user's choice passes through"

@@ -9,25 +9,26 @@ overwritten per batch, so memory does not grow with the population.
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+import time
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-from eslora.backends.base import Backend, BackendError, Completion, Sampling
-from eslora.lora import Adapter, LoraSpec, check_servable
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from eslora.backends.base import Backend, BackendError, CallStats, Completion, Sampling
+from eslora.backends.common import batched, check_adapter, split_rows, torch_dtype
+from eslora.lora import Adapter, LoraSpec
 
 
 class HFBackend(Backend):
-    def __init__(self, cfg, model_path: str, device: str = "") -> None:
-        if cfg.model.dtype not in _DTYPES:
-            raise BackendError(f"model.dtype={cfg.model.dtype!r}: use one of {sorted(_DTYPES)}")
+    """`backend_cfg`: the config's `backend` section; `dtype`: `model.dtype`."""
+
+    def __init__(self, backend_cfg: Any, model_path: str, spec: LoraSpec, dtype: str, device: str = "") -> None:
+        super().__init__()
         self.model_path = model_path
-        self.spec = LoraSpec.from_config(cfg.lora)
-        self.max_loras_per_batch = cfg.backend.max_loras_per_batch
-        self.dtype = _DTYPES[cfg.model.dtype]
+        self.spec = spec
+        self.max_loras_per_batch = int(backend_cfg.max_loras_per_batch)
+        self.dtype = torch_dtype(dtype)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = None
         self.tokenizer = None
@@ -65,35 +66,34 @@ class HFBackend(Backend):
             if adapter is not None:
                 self._check(adapter)
         results: list[Optional[list[Completion]]] = [None] * len(adapters)
-        # Base-model rows never share a batch with adapter rows (same rule as the servers).
-        base_rows = [i for i, a in enumerate(adapters) if a is None]
-        lora_rows = [i for i, a in enumerate(adapters) if a is not None]
+        base_rows, lora_rows = split_rows(adapters)
+        batches = batched(base_rows, self.max_loras_per_batch) + batched(lora_rows, self.max_loras_per_batch)
+        call = CallStats(members=len(adapters), prompts=len(prompts), batches=len(batches))
+        started = time.perf_counter()
         with self._lock:
-            for start in range(0, len(base_rows), self.max_loras_per_batch):
-                rows = base_rows[start : start + self.max_loras_per_batch]
-                outs = self._generate_batch(prompts, [None] * len(rows), sampling)
+            for rows in batches:
+                outs = self._generate_batch(prompts, [adapters[i] for i in rows], sampling, call)
                 for row, out in zip(rows, outs):
                     results[row] = out
-            for start in range(0, len(lora_rows), self.max_loras_per_batch):
-                rows = lora_rows[start : start + self.max_loras_per_batch]
-                outs = self._generate_batch(prompts, [adapters[i] for i in rows], sampling)
-                for row, out in zip(rows, outs):
-                    results[row] = out
+        call.wall_s = time.perf_counter() - started
+        call.tokens = sum(c.num_tokens for row in results if row is not None for c in row)
+        self._report(call)
         return results  # type: ignore[return-value]
 
     def _check(self, adapter: Adapter) -> None:
-        check_servable(adapter.spec, self.spec.r, where=f"adapter {adapter.name}")
+        check_adapter(adapter.spec, self.spec.r, where=f"adapter {adapter.name}")
         if adapter.spec != self.spec:
             raise BackendError(f"adapter {adapter.name}: spec {adapter.spec} differs from the backend's {self.spec}")
 
     @torch.no_grad()
     def _generate_batch(
-        self, prompts: Sequence[str], adapters: Sequence[Optional[Adapter]], sampling: Sampling
+        self, prompts: Sequence[str], adapters: Sequence[Optional[Adapter]], sampling: Sampling, call: CallStats
     ) -> list[list[Completion]]:
         from peft import set_peft_model_state_dict
 
         model, tokenizer = self.model, self.tokenizer
         names: list[str] = []
+        loading = time.perf_counter()
         for slot, adapter in zip(self._slots, adapters):
             if adapter is None:
                 names.append("__base__")  # PEFT's name for "no adapter on this row"
@@ -103,6 +103,10 @@ class HFBackend(Backend):
             if getattr(result, "unexpected_keys", None):
                 raise BackendError(f"adapter {adapter.name}: tensors the model does not have: {result.unexpected_keys[:3]}")
             names.append(slot)
+        # Filling the slots is this backend's hand-off: nothing generates meanwhile.
+        seconds = time.perf_counter() - loading
+        call.load_s += seconds
+        call.exposed_handoff_s += seconds
         rows = [(a, p) for a in range(len(adapters)) for p in range(len(prompts))]
         enc = tokenizer([prompts[p] for _, p in rows], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.device) for k, v in enc.items()}
@@ -112,7 +116,9 @@ class HFBackend(Backend):
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        generating = time.perf_counter()
         out = model.generate(**enc, adapter_names=[names[a] for a, _ in rows], **kwargs)
+        call.generate_s += time.perf_counter() - generating
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
         results: list[list[Completion]] = [[] for _ in adapters]

