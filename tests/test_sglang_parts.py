@@ -194,3 +194,35 @@ def test_server_sees_the_users_environment_offline_only_when_set(stand_in, monke
     offline = stand_in()
     offline.start()
     assert server_env(offline)["HF_HUB_OFFLINE"] == "1", "the user's choice passes through"
+
+
+def test_a_server_that_cannot_come_back_is_server_crashed_naming_why(stand_in, tmp_path):
+    backend = stand_in()
+    backend.start()
+    # From now on every start fails: the restarts are spent on attempts that never come up.
+    (tmp_path / "site" / "sglang" / "launch_server.py").write_text("import sys; print('model folder is gone'); sys.exit(3)")
+    backend.server.kill()
+    with pytest.raises(ServerCrashed, match="already restarted 2 times(.|\n)*model folder is gone"):
+        backend.generate(PROMPTS, [None], Sampling(max_new_tokens=4))
+    assert backend.restarts == 2
+
+
+def test_two_concurrent_calls_get_their_own_results_and_stats(stand_in):
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = stand_in()
+    backend.start()
+    calls = [[backend.random_adapter(f"c{i}", seed=40 + i, scale=0.1) for i in range(3)],
+             [backend.random_adapter(f"d{i}", seed=50 + i, scale=0.1) for i in range(5)]]
+    sampling = Sampling(max_new_tokens=4)
+    alone = [[[c.text for c in row] for row in backend.generate(PROMPTS, members, sampling)] for members in calls]
+
+    def run(members):
+        out = backend.generate(PROMPTS, members, sampling)
+        return [[c.text for c in row] for row in out], backend.stats  # this thread's own last call
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, calls))
+    assert [texts for texts, _ in results] == alone
+    assert [stats["members"] for _, stats in results] == [3, 5]
+    assert [stats["batches"] for _, stats in results] == [2, 3]

@@ -1,0 +1,27 @@
+"""The `backend` section's value rules fail at load, naming the key (eslora.backends.validate_config)."""
+
+import pytest
+
+from eslora.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("override, key", [
+    ("backend.name=tgi", "backend.name"),
+    ("backend.max_loras_per_batch=0", "backend.max_loras_per_batch"),
+    ("backend.max_restarts=-1", "backend.max_restarts"),
+    ("backend.request_timeout_s=0", "backend.request_timeout_s"),
+    ("backend.sglang.max_lora_rank=-1", "backend.sglang.max_lora_rank"),
+    ("backend.sglang.mem_fraction_static=1.5", "backend.sglang.mem_fraction_static"),
+    ("backend.sglang.start_timeout_s=0", "backend.sglang.start_timeout_s"),
+    ("backend.vllm.start_timeout_s=-5", "backend.vllm.start_timeout_s"),
+    ("backend.vllm.kv_cache_space_gb=0", "backend.vllm.kv_cache_space_gb"),
+])
+def test_bad_backend_values_fail_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_the_shipped_backend_settings_load():
+    for path in ("configs/demo.yaml", "configs/countdown_sglang.yaml"):
+        load_config(path)
+    load_config(None, ["backend.name=vllm", "backend.sglang.mem_fraction_static=0.8"])
