@@ -33,20 +33,21 @@ class RunFolder:
         self.path = Path(path)
         self._lock: Optional[IO[str]] = None
         self.path.mkdir(parents=True, exist_ok=True)
-        self._acquire()
-        try:
-            held = [name for name in RUN_FILES if (self.path / name).exists()]
-            if held and not resume:
-                raise RunFolderError(
-                    f"run folder {self.path} already holds a run ({', '.join(held)}); nothing was changed. "
-                    "Continue it with resume=true, or choose another run.name"
-                )
-        except BaseException:
+        self._lock = self._acquire()
+        held = [name for name in RUN_FILES if (self.path / name).exists()]
+        if held and not resume:
             self.release()
-            raise
+            raise RunFolderError(
+                f"run folder {self.path} already holds a run ({', '.join(held)}); nothing was changed. "
+                "Continue it with resume=true, or choose another run.name"
+            )
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"{os.getpid()}\n")  # who holds it, for the message a second process gets
+        self._lock.flush()
 
-    def _acquire(self) -> None:
-        lock = open(self.path / LOCK, "a+")
+    def _acquire(self) -> IO[str]:
+        lock = open(self.path / LOCK, "a+")  # "a+": an existing lock file is not changed by opening it
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -55,11 +56,7 @@ class RunFolder:
             lock.close()
             raise RunFolderError(f"run folder {self.path} is in use by another eslora run (pid {owner}); "
                                  "wait for it to end or choose another run.name") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        self._lock = lock
+        return lock
 
     def accept(self, config_yaml: str) -> None:
         """The run starts: write its resolved config (the only write before training)."""

@@ -4,7 +4,8 @@
 - `wandb` (`pip install eslora[wandb]`): a W&B run named `run.name` in project `run.tracker_project`,
   its local files under `RUN_DIR/`; `WANDB_MODE=offline` keeps it on disk (sync it later).
 - `mlflow` (`pip install eslora[mlflow]`, mlflow-skinny is enough): an MLflow run in experiment
-  `run.tracker_project` at `MLFLOW_TRACKING_URI`, or, if unset, a file store `RUN_DIR/mlruns/`.
+  `run.tracker_project` at `MLFLOW_TRACKING_URI`, or, if unset, a file store `RUN_DIR/mlruns/`
+  (`MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri RUN_DIR/mlruns` shows it).
 
 `check_trackers` runs at start-up, before Ray, so a tracker that is named but not installed stops
 the run at once with what to install.
@@ -12,7 +13,7 @@ the run at once with what to install.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import time
 from pathlib import Path
@@ -40,8 +41,10 @@ def check_trackers(names: Sequence[str]) -> None:
     for name in names:
         if name not in TRACKERS:
             raise TrackingError(f"run.report_to: unknown tracker {name!r}; use any of {', '.join(TRACKERS)}")
-        if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise TrackingError(f"run.report_to names {name!r}, which is not installed: {INSTALL[name]}")
+        try:
+            importlib.import_module(TRACKERS[name])  # only what the config names, at start-up
+        except ImportError:
+            raise TrackingError(f"run.report_to names {name!r}, which is not installed: {INSTALL[name]}") from None
 
 
 def open_trackers(names: Sequence[str], out: Path, run_name: str, project: str, config: Mapping[str, Any]) -> list[Tracker]:
@@ -84,8 +87,13 @@ class MlflowTracker:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            # The one store mlflow-skinny can write without a database; MLflow 3 asks for this opt-in.
+            uri = (out / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         # A client of its own (not mlflow's process-wide active run): nothing leaks into user code.
-        self.client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or (out / "mlruns").resolve().as_uri())
+        self.client = MlflowClient(uri)
         experiment = self.client.get_experiment_by_name(project)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(project)
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id

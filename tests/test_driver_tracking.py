@@ -1,0 +1,31 @@
+"""The trackers of run.report_to, each writing for real into a run folder (wandb offline, the
+MLflow file store, TensorBoard event files), no server and no network."""
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from eslora.tracking import open_trackers
+
+
+def test_every_tracker_records_each_generation(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = {"es": {"sigma": 0.001, "population": 8}, "run": {"name": "t"}}
+    trackers = open_trackers(["tensorboard", "wandb", "mlflow"], tmp_path, "t", "eslora-test", config)
+    for step in range(2):
+        for tracker in trackers:
+            tracker.log({"reward_mean": 0.25 * step, "grad_norm": 1.5}, step)
+    for tracker in trackers:
+        tracker.close()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward_mean")] == [(0, 0.0), (1, 0.25)]
+
+    [history] = list((tmp_path / "mlruns").rglob("metrics/reward_mean"))
+    assert [line.split()[1:] for line in history.read_text().splitlines()] == [["0.0", "0"], ["0.25", "1"]]
+    assert (history.parents[1] / "params" / "es.sigma").read_text() == "0.001"
+
+    [records] = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # what `wandb sync` uploads
+    data = records.read_bytes()
+    assert b"reward_mean" in data and b"0.25" in data and b"sigma" in data
