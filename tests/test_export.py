@@ -184,27 +184,39 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def export_in_subprocess(run: Path, env: dict[str, str], merge_to: Path | None = None) -> subprocess.CompletedProcess:
-    """export_run with the hub settings in the environment (huggingface_hub reads them at import);
-    prints `EsloraError: message` as the CLI's one line would, any other error keeps its traceback."""
-    code = (
-        "import sys; from pathlib import Path; from eslora.errors import EsloraError; "
-        "from eslora.export import export_run\n"
-        "try: export_run(Path(sys.argv[1]), merge_to=Path(sys.argv[2]) if sys.argv[2] else None, push_to_hub='someone/eslora-test')\n"
-        "except EsloraError as err: print('EsloraError:', err); sys.exit(3)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | env
-    return subprocess.run([sys.executable, "-c", code, str(run), str(merge_to or "")], env=env,
+def eslora_export(run: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`eslora export RUN ...` as a user runs it, with the hub settings in the environment
+    (huggingface_hub reads them at import)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | (env or {})
+    return subprocess.run([sys.executable, "-m", "eslora", "export", str(run), *args], env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The CLI's report of an EsloraError: exit 1 and one line `error: ...` on stderr."""
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def test_cli_export_merges_and_refuses_a_used_folder(tmp_path, tiny_model_path):
+    run = make_run(tmp_path / "run", tiny_model_path)
+    proc = eslora_export(run, "--merge", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "merged")
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    again = one_error_line(eslora_export(run, "--merge", str(tmp_path / "merged")))
+    assert again == f"error: {tmp_path / 'merged'} exists and is not empty; export writes only into a new or empty folder"
 
 
 def test_push_to_an_unreachable_hub_fails_cleanly(tmp_path, tiny_model_path):
     run = make_run(tmp_path / "run", tiny_model_path)
     endpoint = f"http://127.0.0.1:{closed_port()}"
-    proc = export_in_subprocess(run, {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")})
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert f"EsloraError: push of {run / 'adapter'} to {endpoint}/someone/eslora-test failed" in proc.stdout
-    assert "Traceback" not in proc.stderr
+    proc = eslora_export(run, "--push-to-hub", "someone/eslora-test",
+                         env={"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")})
+    assert one_error_line(proc).startswith(f"error: push of {run / 'adapter'} to {endpoint}/someone/eslora-test failed")
     adapter = run / "adapter"  # the adapter was finished before the push: whole, and nothing else
     assert (adapter / "README.md").is_file() and load_adapter(adapter).spec.r == 2
     assert not [p for p in adapter.iterdir() if p.name.startswith(".")]
@@ -212,9 +224,9 @@ def test_push_to_an_unreachable_hub_fails_cleanly(tmp_path, tiny_model_path):
 
 def test_push_with_the_hub_offline_fails_before_merging(tmp_path, tiny_model_path):
     run = make_run(tmp_path / "run", tiny_model_path)
-    proc = export_in_subprocess(run, {"HF_HUB_OFFLINE": "1"}, merge_to=tmp_path / "merged")
-    assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "EsloraError: cannot push to someone/eslora-test: HF_HUB_OFFLINE is set" in proc.stdout
+    proc = eslora_export(run, "--merge", str(tmp_path / "merged"), "--push-to-hub", "someone/eslora-test",
+                         env={"HF_HUB_OFFLINE": "1"})
+    assert one_error_line(proc).startswith("error: cannot push to someone/eslora-test: HF_HUB_OFFLINE is set")
     assert not (tmp_path / "merged").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
