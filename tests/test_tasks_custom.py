@@ -112,6 +112,10 @@ def test_bad_user_kwargs_fail_at_load(user_file: Path) -> None:
         load_config(None, [f"task.name={user_file}:EchoTask", "task.kwargs.word=a1"])
     with pytest.raises(ConfigError, match=r"task\.name=.*cannot build it with task\.kwargs=\{colour='red'"):
         load_config(None, [f"task.name={user_file}:EchoTask", "task.kwargs.colour=red"])
+    failing = user_file.parent / "failing.py"
+    failing.write_text("class T:\n    def __init__(self):\n        raise OSError('no data here')\n")
+    with pytest.raises(ConfigError, match=r"task\.name=.*failing\.py:T.*building it failed: OSError: no data here"):
+        load_config(None, [f"task.name={failing}:T"])
     broken = user_file.parent / "broken.py"
     broken.write_text("raise RuntimeError('half written')\n")
     with pytest.raises(ConfigError, match=r"task\.name=.*broken\.py.*RuntimeError: half written"):

@@ -10,6 +10,7 @@ docs/custom_tasks.md.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from eslora.tasks import loading
@@ -89,7 +90,7 @@ def validate_config(cfg: Any) -> None:
     check_rows(cfg.eval_rows, "task.eval_rows")
     for key in ("data_path", "eval_data_path"):
         if getattr(cfg, key):
-            setattr(cfg, key, str(loading.Path(getattr(cfg, key)).expanduser().resolve()))
+            setattr(cfg, key, str(Path(getattr(cfg, key)).expanduser().resolve()))
     target = task_class(name)  # imports a user's module: a bad path fails here, naming task.name
     if target is ConcisenessTask:
         for key in FILE_KEYS:
@@ -99,4 +100,9 @@ def validate_config(cfg: Any) -> None:
         target.validate_config(cfg)
     if target not in BUILTIN.values():
         cfg.name = loading.absolute(name)
-        loading.build_task(target, cfg, None)
+        try:
+            loading.build_task(target, cfg, None)
+        except TaskError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's constructor failed: say which task
+            raise TaskError(f"task.name={name!r}: building it failed: {type(err).__name__}: {err}") from err
