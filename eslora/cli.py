@@ -64,10 +64,8 @@ def _config_command(command: str, config: str, overrides: Sequence[str]) -> int:
 
         train(cfg)
         return 0
-    try:
-        from eslora.evaluate import evaluate
-    except ImportError:  # until the driver's evaluate module lands
-        from eslora.train import evaluate  # type: ignore[no-redef]
+    from eslora.evaluate import evaluate
+
     evaluate(cfg)
     return 0
 
@@ -113,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("eval", "greedy held-out score of adapter=PATH, or of the base model")):
         p = sub.add_parser(name, help=helptext, description=helptext,
                            epilog=f"Shipped configs (usable by name): {configs}. "
-                           "Every key is in eslora/config.py; e.g. run.generations=2 model.name_or_path=PATH.")
+                           "Keys and defaults: eslora/config.py; e.g. run.generations=2 model.name_or_path=PATH.")
         p.add_argument("config", metavar="CONFIG", help=_CONFIG_HELP + configs)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the file")
 

@@ -67,9 +67,10 @@ def test_eslora_error_exits_1_with_one_line(tmp_path: Path) -> None:
     assert proc.stderr.startswith("error: unknown model name 'no-such-model'") and "Traceback" not in proc.stderr
 
 
-def test_model_error_in_train_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_model_error_exits_1(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "mine.gguf"
-    assert main(["train", "demo", f"model.name_or_path={missing}", f"run.dir={tmp_path}"]) == 1
+    assert main([command, "demo", f"model.name_or_path={missing}", f"run.dir={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: model.name_or_path=") and "GGUF file not found" in err
 
