@@ -121,15 +121,16 @@ def test_exported_adapter_names_its_base_and_carries_card_and_tokenizer(tmp_path
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), str(shipped))
 
 
-@pytest.mark.parametrize("base_model, yaml_base, how_to_get", [
-    ("Qwen/Qwen2.5-0.5B-Instruct", "base_model: Qwen/Qwen2.5-0.5B-Instruct", None),
-    ("smollm2-135m", None, "eslora models fetch smollm2-135m"),
+@pytest.mark.parametrize("base_model, revision, yaml_base, how_to_get", [
+    ("Qwen/Qwen2.5-0.5B-Instruct", "v1", "base_model: Qwen/Qwen2.5-0.5B-Instruct", None),
+    ("smollm2-135m", "", None, "eslora models fetch smollm2-135m"),
 ])
-def test_finish_adapter_writes_the_base_as_named(tmp_path, tiny_model_path, base_model, yaml_base, how_to_get):
+def test_finish_adapter_writes_the_base_as_named(tmp_path, tiny_model_path, base_model, revision, yaml_base, how_to_get):
     adapter_dir = make_run(tmp_path / "run", tiny_model_path) / "adapter"
-    finish_adapter(adapter_dir, str(tiny_model_path), base_model, CARD)
+    finish_adapter(adapter_dir, str(tiny_model_path), base_model, CARD, revision=revision)
 
-    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == base_model
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == base_model and config["revision"] == (revision or None)
     card = (adapter_dir / "README.md").read_text()
     metadata = card.split("---\n")[1]
     assert (yaml_base in metadata) if yaml_base else ("base_model" not in metadata)
@@ -138,25 +139,34 @@ def test_finish_adapter_writes_the_base_as_named(tmp_path, tiny_model_path, base
     assert load_adapter(adapter_dir).spec.r == 2  # still a loadable adapter
 
 
-def test_real_run_exports_with_its_held_out_scores(tmp_path, tiny_model_path):
-    """A run folder made by a real short train() run on local Ray, exported and merged."""
+def test_real_run_on_a_hub_id_exports_naming_that_id(tmp_path, tiny_model_path, monkeypatch):
+    """A real short train() run on local Ray with model.name_or_path=acme/tiny-qwen, resolved from
+    a hub-style local cache offline: the adapter names `acme/tiny-qwen`, its card has the held-out
+    scores and the hub id as base_model, and the merge equals base + adapter through PEFT."""
     import ray
 
     from eslora.cluster.pool import start_local_ray
     from eslora.train import train
+    from test_model_resolve import MAIN, make_hub_cache
 
+    snapshot = make_hub_cache(tmp_path / "hub", tiny_model_path) / "snapshots" / MAIN
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start_local_ray(num_cpus=2)
     try:
-        run = train(tiny_config(tiny_model_path, f"run.dir={tmp_path}", "run.name=real", "run.generations=1",
+        run = train(tiny_config("acme/tiny-qwen", f"run.dir={tmp_path}", "run.name=real", "run.generations=1",
                                 "run.eval_every=1", "task.eval_prompts=2", "task.eval_max_new_tokens=4"))
     finally:
         ray.shutdown()
     merged = export_run(run, merge_to=tmp_path / "merged")
 
-    card = (run / "adapter" / "README.md").read_text()
+    adapter = run / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "acme/tiny-qwen"
+    card = (adapter / "README.md").read_text()
+    assert "base_model: acme/tiny-qwen" in card.split("---\n")[1]
     assert "| reward |" in card and "**Generations:** 1" in card
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_path)
-    with_peft = peft_generate(tiny_model_path, run / "adapter", PROMPTS, TOKENS)
+    assert "base_model: acme/tiny-qwen" in (merged / "README.md").read_text()
+    with_peft = peft_generate(snapshot, adapter, PROMPTS, TOKENS)
     assert [ids for ids, _ in peft_generate(merged, None, PROMPTS, TOKENS)] == [ids for ids, _ in with_peft]
 
 
