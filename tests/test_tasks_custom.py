@@ -203,6 +203,21 @@ def test_prompts_task_options(prompt_files) -> None:
         bad.score(bad.eval_problems(1)[0], "x")
 
 
+def test_prompts_task_on_a_dataset_folder_with_splits(prompt_files, tmp_path: Path) -> None:
+    """A folder with train/test files goes through load_dataset(id, split=...) as a hub id does."""
+    data, rewards = prompt_files
+    folder = tmp_path / "qa_dataset"
+    folder.mkdir()
+    lines = data.read_text().splitlines(keepends=True)
+    (folder / "train.jsonl").write_text("".join(lines[:20]))
+    (folder / "test.jsonl").write_text("".join(lines[20:]))
+    task = make_task(task_config("task.name=prompts", f"task.kwargs.dataset={folder}", "task.kwargs.split=train",
+                                 "task.kwargs.eval_split=test", "task.kwargs.prompt_column=question",
+                                 f"task.kwargs.rewards=[{rewards}:has_answer]"))
+    assert [p.data["answer"] for p in task.eval_problems(100)] == [str(2 * i) for i in range(20, 30)]
+    assert {p.data["answer"] for p in task.train_problems(0, 20)} == {str(2 * i) for i in range(20)}
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["task.kwargs.colour=red"], "task.kwargs.colour"),
     (["task.kwargs.dataset="], "task.kwargs.dataset"),

@@ -88,14 +88,14 @@ def validate_config(cfg: Any) -> None:
             raise ValueError(message)
     check_rows(cfg.train_rows, "task.train_rows")
     check_rows(cfg.eval_rows, "task.eval_rows")
-    for key in ("data_path", "eval_data_path"):
-        if getattr(cfg, key):
-            setattr(cfg, key, str(Path(getattr(cfg, key)).expanduser().resolve()))
     target = task_class(name)  # imports a user's module: a bad path fails here, naming task.name
     if target is ConcisenessTask:
         for key in FILE_KEYS:
             if getattr(cfg, key):
                 raise ValueError(f"task.{key}={getattr(cfg, key)!r}: the conciseness task ships its own questions")
+    for key in ("data_path", "eval_data_path"):
+        if getattr(cfg, key):
+            setattr(cfg, key, str(Path(getattr(cfg, key)).expanduser().resolve()))
     if hasattr(target, "validate_config"):
         target.validate_config(cfg)
     if target not in BUILTIN.values():
