@@ -71,7 +71,7 @@ def main() -> int:
         try:
             for k in args.gpus:
                 members = range(args.per_gpu * k)
-                pool.slots = everyone[:k]  # the queue goes to these k actors only
+                pool.actors.slots = everyone[:k]  # the queue goes to these k actors only
                 for mode in args.modes:
                     for key, value in MODES[mode].items():
                         setattr(pool.cfg.cluster, key, value)
@@ -95,7 +95,7 @@ def main() -> int:
                           f"{row['generations_per_hour']:7.0f} gen/h, {row['tokens_per_s']:8.0f} tok/s, "
                           f"members per actor {runs[-1]['members_per_actor']}, {row['bytes_per_member']:.0f} B/member", flush=True)
         finally:
-            pool.slots = everyone
+            pool.actors.slots = everyone
     for row in rows:
         base = next(r for r in rows if r["mode"] == row["mode"] and r["gpus"] == min(args.gpus))
         # Members per second against (k / k_base) x the smallest run's members per second.

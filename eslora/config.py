@@ -140,7 +140,11 @@ class BackendConfig:
 
 @dataclass
 class ClusterConfig:
-    address: str = ""  # empty = embedded local Ray (ray.init() in-process); "auto" = running cluster
+    # "" = the cluster of the Ray job that runs this driver (RAY_ADDRESS, which Ray Jobs sets),
+    # else embedded local Ray, so a plain run never joins a cluster by accident; "local" = always
+    # embedded; "auto" = the cluster running on this machine; host:port or ray://host:port.
+    address: str = ""
+    connect_timeout_s: float = 60.0  # to reach that cluster: an unreachable address fails, never hangs
     # Evaluation actors; 0 = one per `gpus_per_actor` GPUs in the cluster (per `cpus_per_actor`
     # CPUs on a CPU cluster), re-counted every generation so nodes that join get actors.
     num_actors: int = 1

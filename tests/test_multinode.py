@@ -218,8 +218,8 @@ def test_auto_actor_count_grows_when_a_node_joins(cluster, one_node, tiny_model_
             # Generation 1 started an actor for the new CPU. It takes seconds to come up (torch,
             # transformers, the model) and a tiny generation well under one, so the queue did not
             # wait for it; from the first generation after it is up, it takes its share.
-            assert len(pool.slots) + len(pool._starting) == 4
-            pool._wait_for_start(all_of_them=True)
+            assert len(pool.slots) + len(pool.actors.starting) == 4
+            pool.wait_for_start(all_of_them=True)
             assert {slot.node for slot in pool.slots} == before | {joined}
             while len(results) < GENERATIONS:
                 result = step(pool, es)

@@ -115,7 +115,7 @@ def test_actors_killed_mid_generation_lose_nothing(method, reference, tiny_model
         killer = KillAtFirstResult(pool, method, per_generation=2)
         requeued = failures = 0
         for generation in range(GENERATIONS):
-            pool._wait_for_start(all_of_them=True)  # replacements from the last generation are up
+            pool.wait_for_start(all_of_them=True)  # replacements from the last generation are up
             assert len(pool.slots) == ACTORS
             killer.arm()
             population = es.ask()
@@ -135,7 +135,7 @@ def test_actors_killed_mid_generation_lose_nothing(method, reference, tiny_model
         # (a victim whose calls all finished in the instant before the kill is only noticed
         # at the next dispatch or at tell, and reruns nothing).
         assert failures > 0 and requeued > 0
-        pool._wait_for_start(all_of_them=True)
+        pool.wait_for_start(all_of_them=True)
         assert len(pool.slots) == ACTORS, "every lost actor was replaced"
         names = {slot.name for slot in pool.slots}
         assert not names & {name for name, _ in killer.killed}
