@@ -115,14 +115,14 @@ def render_card(base_model: str, card: Mapping[str, Any], merged: bool = False) 
         f"(no backpropagation: a population of perturbed adapters is scored and the adapter moves "
         f"along the fitness-weighted sum of the perturbations).",
         "",
-        f"- **Base model:** `{base_model}`",
+        f"- **Base model:** `{base_model}`" + (f" at revision `{card['revision']}`" if card.get("revision") else ""),
         *_fact_lines(card),
         "",
         *_score_lines(card),
         *_settings_lines(card),
         "## How to use",
         "",
-        *(_merged_usage(base_model) if merged else _adapter_usage(base_model)),
+        *(_merged_usage(base_model) if merged else _adapter_usage(base_model, card.get("revision", ""))),
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
@@ -134,7 +134,7 @@ def _fact_lines(card: Mapping[str, Any]) -> list[str]:
     lines = [f"- **Task:** `{card['task']}`"] if "task" in card else []
     if "generations" in card:
         lines.append(f"- **Generations:** {card['generations']}")
-    known = {"task", "generations", "held_out_before", "held_out_after", *_SETTINGS}
+    known = {"task", "generations", "held_out_before", "held_out_after", "revision", *_SETTINGS}
     return lines + [f"- **{k}:** {v}" for k, v in card.items() if k not in known]
 
 
@@ -197,13 +197,14 @@ def _get_base_lines(base_model: str) -> list[str]:
             "copy it along and use its path as `BASE` below.", ""]
 
 
-def _adapter_usage(base_model: str) -> list[str]:
+def _adapter_usage(base_model: str, revision: str) -> list[str]:
     base = f'"{base_model}"' if _hub_id(base_model) else '"BASE"  # the base model folder'
+    at = f', revision="{revision}"' if revision else ""
     return _get_base_lines(base_model) + [
         "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f"base = {base}", 'adapter = "PATH_OR_REPO_OF_THIS_ADAPTER"',
         "tokenizer = AutoTokenizer.from_pretrained(adapter)  # the base's tokenizer, saved here",
-        "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)",
+        f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base{at}), adapter)",
         "model = model.merge_and_unload()  # optional: a plain transformers model", "```", "",
         "Or merge it into a full model folder that transformers, vLLM and SGLang load:", "",
         "```bash", "eslora export RUN_DIR --merge OUT_DIR", "```",

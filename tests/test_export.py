@@ -135,6 +135,7 @@ def test_finish_adapter_writes_the_base_as_named(tmp_path, tiny_model_path, base
     metadata = card.split("---\n")[1]
     assert (yaml_base in metadata) if yaml_base else ("base_model" not in metadata)
     assert how_to_get is None or how_to_get in card
+    assert not revision or f'from_pretrained(base, revision="{revision}")' in card
     assert "| reward | -7.5000 | -3.2500 |" in card  # held-out before / after, as given
     assert load_adapter(adapter_dir).spec.r == 2  # still a loadable adapter
 
