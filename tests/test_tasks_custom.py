@@ -227,6 +227,7 @@ def test_prompts_task_on_a_dataset_folder_with_splits(prompt_files, tmp_path: Pa
     (["task.kwargs.reward_weights=[1.0]"], "task.kwargs.reward_weights"),
     (["task.kwargs.answer_reward=x.py:f"], "task.kwargs.answer_reward"),
     (["task.kwargs.split=test"], "task.kwargs.split"),
+    (["task.kwargs.eval_split=train"], "task.kwargs.eval_split"),
 ])
 def test_prompts_task_bad_kwargs_fail_at_load(prompt_files, extra, needle) -> None:
     data, rewards = prompt_files

@@ -83,6 +83,11 @@ def _load(datasets: Any, source: str, split: str, config_name: str, revision: st
     return list(data.to_list())
 
 
+def _name(source: str) -> str:
+    """How problem ids name a source: a file's name, or the hub id."""
+    return Path(source).name if is_file_source(source) else source
+
+
 def _reward_names(paths: Sequence[str]) -> list[str]:
     names: list[str] = []
     for path in paths:
@@ -111,34 +116,41 @@ class PromptTask:
         self.reward_names = _reward_names(opts["rewards"])
         self.answer_index = opts["rewards"].index(opts["answer_reward"]) if opts["answer_reward"] else 0
         self.column = opts["prompt_column"]
-        source = opts["dataset"]
-        rows = load_rows(source, opts["split"], opts["config_name"], opts["revision"])
-        self.source_name = Path(source).name if is_file_source(source) else source
-        rows = [dict(r, _id=f"{self.source_name}:{i}") for i, r in enumerate(rows)]
+        self.source_name = _name(opts["dataset"])
+        self.train_rows, self.eval_rows = self._split(opts, train_rows, eval_rows)
+        if self.train_set_size > len(self.train_rows):
+            raise DatasetError(f"{opts['dataset']}: task.train_set_size={self.train_set_size} is more than the "
+                               f"{len(self.train_rows)} training rows")
+
+    def _rows(self, source: str, split: str, tag: str) -> list[dict[str, Any]]:
+        rows = load_rows(source, split, self.opts["config_name"], self.opts["revision"])
         if rows and self.column not in rows[0]:
             raise DatasetError(f"{source}: no column {self.column!r} (task.kwargs.prompt_column); "
-                               f"columns: {', '.join(k for k in rows[0] if k != '_id')}")
+                               f"columns: {', '.join(rows[0])}")
+        return [dict(r, _id=f"{tag}{i}") for i, r in enumerate(rows)]
+
+    def _split(self, opts: Mapping[str, Any], train_rows: str, eval_rows: str) -> tuple[list, list]:
+        """(training rows, held-out rows): an eval source or split, else row ranges, else the hash split."""
+        source = opts["dataset"]
+        rows = self._rows(source, opts["split"], f"{self.source_name}:")
         if opts["eval_dataset"] or opts["eval_split"]:
             held_source = opts["eval_dataset"] or source
-            held = load_rows(held_source, opts["eval_split"] or opts["split"], opts["config_name"], opts["revision"])
-            name = Path(held_source).name if is_file_source(held_source) else held_source
-            held = [dict(r, _id=f"{name}:{opts['eval_split'] or 'eval'}:{i}") for i, r in enumerate(held)]
-            self.train_rows = [rows[i] for i in take_rows(len(rows), train_rows, "task.train_rows", source)]
-            self.eval_rows = [held[i] for i in take_rows(len(held), eval_rows, "task.eval_rows", held_source)]
+            held = self._rows(held_source, opts["eval_split"] or opts["split"],
+                              f"{_name(held_source)}:{opts['eval_split'] or 'eval'}:")
+            train = [rows[i] for i in take_rows(len(rows), train_rows, "task.train_rows", source)]
+            held = [held[i] for i in take_rows(len(held), eval_rows, "task.eval_rows", held_source)]
         elif train_rows or eval_rows:
-            train, held_idx = split_rows(len(rows), train_rows, eval_rows, source)
-            self.train_rows, self.eval_rows = [rows[i] for i in train], [rows[i] for i in held_idx]
+            train_idx, held_idx = split_rows(len(rows), train_rows, eval_rows, source)
+            train, held = [rows[i] for i in train_idx], [rows[i] for i in held_idx]
         else:
             fraction = float(opts["eval_fraction"])
-            self.eval_rows = [r for r in rows if self._held_out(r, fraction)]
-            self.train_rows = [r for r in rows if not self._held_out(r, fraction)]
-        if self.train_set_size > len(self.train_rows):
-            raise DatasetError(f"{source}: task.train_set_size={self.train_set_size} is more than the "
-                               f"{len(self.train_rows)} training rows")
-        for what, got in (("training", self.train_rows), ("held-out", self.eval_rows)):
+            held = [r for r in rows if self._held_out(r, fraction)]
+            train = [r for r in rows if not self._held_out(r, fraction)]
+        for what, got in (("training", train), ("held-out", held)):
             if not got:
                 raise DatasetError(f"{source}: no {what} rows ({len(rows)} rows); set task.train_rows / task.eval_rows "
                                    "or task.kwargs.eval_dataset")
+        return train, held
 
     @classmethod
     def from_config(cls, cfg: Any, tokenizer: Any = None) -> "PromptTask":
@@ -165,6 +177,10 @@ class PromptTask:
                     raise ValueError(f"task.kwargs.split={kw['split']!r}: a file is one split; hold rows out with "
                                      "task.eval_rows or task.kwargs.eval_dataset")
                 kw[key] = str(path)
+            elif source and Path(source).expanduser().is_dir():  # a local dataset folder, read as a hub id is
+                kw[key] = str(Path(source).expanduser().resolve())
+        if kw.get("eval_split") and not kw.get("eval_dataset") and kw["eval_split"] == kw.get("split", "train"):
+            raise ValueError(f"task.kwargs.eval_split={kw['eval_split']!r} is the training split")
         rewards = kw.get("rewards")
         if isinstance(rewards, str):
             rewards = kw["rewards"] = [rewards]
