@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from eslora import FunctionModule
 from eslora.checkpoint import Checkpoints, load_checkpoint, resume
 from eslora.config import Config, to_dict, to_yaml
 from eslora.evaluate import evaluate
@@ -193,6 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
+
+sys.modules[__name__].__class__ = FunctionModule  # `from eslora import train` may give this module: it calls train
 
 if __name__ == "__main__":
     sys.exit(main())
