@@ -66,7 +66,8 @@ def _import_module(module: str, key: str) -> Any:
         cwd = os.getcwd()
         # As `python -m` would: a package in the working directory, when `eslora` (a console
         # script) did not put the working directory on sys.path. Appended: never shadows.
-        if err.name == top and cwd not in sys.path and ((Path(cwd) / top).is_dir() or (Path(cwd) / f"{top}.py").is_file()):
+        local = (Path(cwd) / top).is_dir() or (Path(cwd) / f"{top}.py").is_file()
+        if err.name == top and local and cwd not in sys.path:
             sys.path.append(cwd)
             return _import_module(module, key)
         raise TaskError(f"{key}: cannot import module {module!r}: {err}") from err

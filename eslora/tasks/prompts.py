@@ -69,8 +69,10 @@ def _load(datasets: Any, source: str, split: str, config_name: str, revision: st
     if is_file_source(source):
         path = Path(source)
         builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None or not path.is_file():
-            raise DatasetError(f"{source}: {'no such file' if not path.is_file() else 'use .json, .jsonl, .csv or .parquet'}")
+        if not path.is_file():
+            raise DatasetError(f"{source}: no such file")
+        if builder is None:
+            raise DatasetError(f"{source}: unknown data format; use .json, .jsonl, .csv or .parquet")
         try:
             data = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # noqa: BLE001 - datasets raises many types for a bad file
