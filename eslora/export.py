@@ -283,7 +283,11 @@ def merge_adapter(model_path: str, adapter: Adapter, out: Path, base_model: str,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_free(out)
-    saved_dtype = _config_dtype(AutoConfig.from_pretrained(model_path))
+    config = AutoConfig.from_pretrained(model_path)
+    if getattr(config, "quantization_config", None):
+        raise ExportError(f"{model_path} is a quantized model: merging needs a full-precision base "
+                          "(ship the adapter, or merge into the unquantized model)")
+    saved_dtype = _config_dtype(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
@@ -312,17 +316,19 @@ def _config_dtype(config):
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
+# transformers 5 writes `rope_parameters` and `dtype`; the transformers 4.x inside SGLang / vLLM
+# environments reads these, which eslora's registry folders (and older hub configs) carry.
+_OLDER_READER_KEYS = ("rope_theta", "rope_scaling", "torch_dtype")
+
+
 def _keep_base_config_keys(base: Path, folder: Path) -> None:
-    """Keys of the base's config.json that the saved one dropped (transformers 5 writes
-    `rope_parameters` and `dtype`; SGLang's and vLLM's transformers 4.x read `rope_theta` and
-    `torch_dtype`, which eslora's registry folders carry) are copied back."""
-    if not (base / "config.json").is_file():
-        return  # a hub id: its config.json is the hub's own
+    """The older-reader keys of the base's config.json that the saved one dropped are copied back."""
     base_config = json.loads((base / "config.json").read_text())
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    for key, value in base_config.items():
-        config.setdefault(key, value)
+    for key in _OLDER_READER_KEYS:
+        if key in base_config:
+            config.setdefault(key, base_config[key])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

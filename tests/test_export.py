@@ -66,8 +66,10 @@ def test_merged_model_generates_what_peft_base_plus_adapter_generates(tmp_path, 
     assert not [n for n in names if n.startswith("adapter_")], "a merged model carries no adapter"
     base_config = json.loads((tiny_model_path / "config.json").read_text())
     merged_config = json.loads((merged / "config.json").read_text())
-    assert merged_config.get("dtype", merged_config.get("torch_dtype")) == base_config.get("dtype", "float32")
-    assert merged_config["rope_theta"] == base_config.get("rope_theta", merged_config["rope_theta"])
+    assert merged_config["dtype"] == base_config["dtype"] == "float32"
+    # transformers 5 drops these on save; the transformers 4.x of SGLang / vLLM environments reads them.
+    assert merged_config["rope_theta"] == base_config["rope_theta"]
+    assert merged_config["torch_dtype"] == base_config["torch_dtype"]
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the base's tokenizer, byte for byte
         assert (merged / name).read_bytes() == (tiny_model_path / name).read_bytes()
     card = (merged / "README.md").read_text()
@@ -279,6 +281,20 @@ def test_an_adapter_for_another_model_is_refused_before_writing(tmp_path, tiny_m
     with pytest.raises(AdapterError, match="does not fit the model: size mismatch"):
         export_run(run, merge_to=tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_quantized_base_is_refused_for_merging(tmp_path, tiny_model_path):
+    import shutil
+
+    base = tmp_path / "quantized-base"
+    shutil.copytree(tiny_model_path, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    run = make_run(tmp_path / "run", base)
+    with pytest.raises(ExportError, match="is a quantized model: merging needs a full-precision base"):
+        export_run(run, merge_to=tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_an_adapter_config_that_is_not_json_is_refused_naming_it(tmp_path, tiny_model_path):
