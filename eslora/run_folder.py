@@ -1,7 +1,9 @@
 """A run's folder `run.dir/run.name`: one run per folder, one process per run, nothing destroyed.
 
-- A fresh run (no `resume`) of a folder that already holds a run is refused: the earlier run's
-  files stay byte-identical (choose another `run.name`, or `resume=true` to continue it).
+- A fresh run (no `resume`) of a folder that already holds a run's results (a checkpoint, a
+  metrics line, an adapter) is refused: the earlier run's files stay byte-identical (choose
+  another `run.name`, or `resume=true` to continue it). A start that failed before its first
+  generation left only config.yaml: that folder may be used again.
 - A lock (`.lock`, an flock held for the process's lifetime, released by the kernel even on
   SIGKILL) refuses a second process on the same folder.
 - `config.yaml` is written by `accept`, once the driver has checked everything it can.
@@ -19,7 +21,6 @@ from eslora.files import write_atomic
 
 LOCK = ".lock"
 CONFIG = "config.yaml"
-RUN_FILES = (CONFIG, "checkpoints", "adapter", "metrics.jsonl")  # any of them: the folder holds a run
 
 
 class RunFolderError(EsloraError, RuntimeError):
@@ -34,7 +35,7 @@ class RunFolder:
         self._lock: Optional[IO[str]] = None
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = self._acquire()
-        held = [name for name in RUN_FILES if (self.path / name).exists()]
+        held = self.results()
         if held and not resume:
             self.release()
             raise RunFolderError(
@@ -57,6 +58,15 @@ class RunFolder:
             raise RunFolderError(f"run folder {self.path} is in use by another eslora run (pid {owner}); "
                                  "wait for it to end or choose another run.name") from None
         return lock
+
+    def results(self) -> list[str]:
+        """What of a run's results the folder holds (a start that finished no generation holds none)."""
+        metrics = self.path / "metrics.jsonl"
+        return [name for name, present in (
+            ("checkpoints", any((self.path / "checkpoints").glob("gen_*.pt"))),
+            ("metrics.jsonl", metrics.is_file() and metrics.stat().st_size > 0),
+            ("adapter", (self.path / "adapter").exists()),
+        ) if present]
 
     def accept(self, config_yaml: str) -> None:
         """The run starts: write its resolved config (the only write before training)."""

@@ -179,9 +179,11 @@ def test_a_fresh_run_of_an_existing_run_folder_is_refused_and_changes_nothing(tm
     folder = tmp_path / "run"
     with RunFolder(folder, resume=False) as run:
         run.accept("run: {name: run}\n")
+        (folder / "metrics.jsonl").write_text("")
+    with RunFolder(folder, resume=False) as run:  # its start finished no generation: usable again
         (folder / "metrics.jsonl").write_text(json.dumps(record(0)) + "\n")
     before = snapshot(folder)
-    with pytest.raises(RunFolderError, match=r"already holds a run \(config.yaml, metrics.jsonl\); nothing was changed.*resume=true"):
+    with pytest.raises(RunFolderError, match=r"already holds a run \(metrics.jsonl\); nothing was changed.*resume=true"):
         RunFolder(folder, resume=False)
     assert snapshot(folder) == before
     with RunFolder(folder, resume=True):
