@@ -139,6 +139,7 @@ def test_three_or_four_numbers() -> None:
     (["task.num_numbers=[3]"], "task.num_numbers"),
     (["task.num_numbers=[3,3]", "task.data_path=x.json"], "task.num_numbers"),
     (["task.data_path=x.json", "task.eval_data_path=x.json"], "task.eval_data_path"),
+    (["task.kwargs.num_numbers=[3,3]"], "task.kwargs"),  # built-in tasks take task.* keys
 ])
 def test_bad_protocol_keys_fail_at_load(overrides, needle) -> None:
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

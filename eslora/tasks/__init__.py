@@ -96,6 +96,9 @@ def validate_config(cfg: Any) -> None:
     for key in ("data_path", "eval_data_path"):
         if getattr(cfg, key):
             setattr(cfg, key, str(Path(getattr(cfg, key)).expanduser().resolve()))
+    if target in (CountdownTask, ConcisenessTask) and cfg.kwargs:
+        raise ValueError(f"task.kwargs={dict(cfg.kwargs)}: the {name} task takes its options as task.* keys "
+                         "(task.kwargs is for task.name=prompts and your own tasks)")
     if hasattr(target, "validate_config"):
         target.validate_config(cfg)
     if target not in BUILTIN.values():
