@@ -251,11 +251,8 @@ def export_run(run_dir: Path, merge_to: Optional[Path] = None, push_to_hub: Opti
     if push_to_hub is not None:
         _check_pushable(push_to_hub)  # before a merge that may take minutes
     cfg = load_config(config_path)
-    base_model, revision = cfg.model.name_or_path, getattr(cfg.model, "revision", "")
-    try:
-        model_path = resolve_model(base_model, revision) if revision else resolve_model(base_model)
-    except (ValueError, RuntimeError) as err:
-        raise ExportError(f"the run's base model (model.name_or_path={base_model}) is not available: {err}") from None
+    base_model, revision = cfg.model.name_or_path, cfg.model.revision
+    model_path = resolve_model(base_model, revision)  # a ModelError (EsloraError) names the key
     adapter = load_adapter(adapter_dir)
     if not (adapter_dir / CARD_JSON).is_file():  # a run older than finish_adapter
         from eslora.metrics import METRICS, read_metrics

@@ -191,6 +191,18 @@ def test_export_of_a_folder_that_is_no_run_is_refused(tmp_path):
         export_run(tmp_path)
 
 
+def test_export_names_the_key_when_the_base_model_is_gone(tmp_path, tiny_model_path):
+    import shutil
+
+    base = tmp_path / "moved-base"
+    shutil.copytree(tiny_model_path, base)
+    run = make_run(tmp_path / "run", base)
+    shutil.rmtree(base)
+    with pytest.raises(EsloraError, match=f"model.name_or_path='{base}'"):
+        export_run(run, merge_to=tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
