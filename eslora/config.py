@@ -99,6 +99,11 @@ class TaskConfig:
     eval_prompts: int = 64  # held-out problems used by `eslora eval` and eval_every
     eval_max_new_tokens: int = 512
     target_length: int = 20  # conciseness: reward = -|len(completion) - target_length| (characters)
+    # conciseness: "reference" scores only answers that contain the question's reference answer,
+    # shorter = better (brevity cannot be bought by dropping the answer); "length" is the
+    # brevity-only -|len - target_length| (default: the tests' tiny model never answers right).
+    conciseness_reward: str = "length"
+    length_scale: float = 20.0  # conciseness "reference": characters over the reference that halve the reward
 
 
 @dataclass

@@ -1,14 +1,18 @@
-"""Conciseness task (ES paper): dense length reward, fixed train questions, held-out eval."""
+"""Conciseness task (ES paper): the reference reward (correct answers only, shorter = better), the
+brevity-only length reward, fixed train questions, held-out eval."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eslora.config import TaskConfig
+from eslora.config import ConfigError, TaskConfig, load_config
 from eslora.tasks import ConcisenessTask, Problem, Task, accuracy, make_task
-from eslora.tasks.conciseness import EVAL, QUESTIONS, TRAIN, contains_answer, length_reward
+from eslora.tasks.conciseness import (EVAL, QUESTIONS, TRAIN, contains_answer, length_reward,
+                                      reference_reward)
 from chatml import CHATML, chatml_tokenizer
 
 
@@ -37,6 +41,74 @@ def test_reward_is_dense_and_unclipped() -> None:
 @given(st.text(max_size=400), st.integers(min_value=0, max_value=300))
 def test_reward_formula(text: str, target: int) -> None:
     assert length_reward(text, target) == -abs(len(text.strip()) - target)
+
+
+PARIS = Problem(prompt="What is the capital of France?", data={"question": "q", "answer": "Paris"})
+
+
+def test_reference_reward_values() -> None:
+    task = ConcisenessTask(template="raw", reward="reference", length_scale=20)
+    reward = lambda text: task.score(PARIS, text)["reward"]  # noqa: E731
+    assert reward("Paris") == 1.0 and reward(" paris \n") == 1.0  # exactly the reference
+    assert reward("The capital of France is Paris.") == pytest.approx(20 / (20 + 26))
+    assert reward("Paris" + "." * 20) == 0.5  # length_scale characters too many halve it
+    assert reward("Rome") == reward("") == reward("Parisian") == 0.0  # wrong, empty, not the word
+    assert ConcisenessTask(template="raw", reward="reference", length_scale=5).score(PARIS, "Paris" + "." * 5)["reward"] == 0.5
+    # among correct answers, every character fewer scores strictly better: a dense length signal
+    correct = [reward("Paris" + "!" * n) for n in range(200)]
+    assert all(a > b > 0 for a, b in zip(correct, correct[1:]))
+
+
+def test_reference_reward_cannot_be_bought_by_dropping_the_answer() -> None:
+    """The brevity-only reward prefers a short wrong answer (what taught the old demo empty
+    answers); the reference reward ranks every correct answer above every wrong one."""
+    long_right, short_wrong = "The capital of France is Paris, a city on the Seine.", "Rome."
+    length = ConcisenessTask(template="raw", reward="length", target_length=20)
+    assert length.score(PARIS, short_wrong)["reward"] > length.score(PARIS, long_right)["reward"]
+    assert length.score(PARIS, "")["reward"] > length.score(PARIS, "Paris" + "." * 60)["reward"]
+    reference = ConcisenessTask(template="raw", reward="reference")
+    assert reference.score(PARIS, long_right)["reward"] > reference.score(PARIS, short_wrong)["reward"] == 0.0
+    assert reference.score(PARIS, "Paris" + "." * 60)["reward"] > reference.score(PARIS, "")["reward"]
+    assert reference.score(PARIS, long_right)["answer"] == 1.0 and reference.score(PARIS, short_wrong)["answer"] == 0.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300), st.sampled_from([a for _, a in QUESTIONS]), st.floats(0.5, 500))
+def test_reference_reward_formula(text: str, answer: str, scale: float) -> None:
+    got = reference_reward(text, answer, scale)
+    if contains_answer(text, answer):
+        assert got == scale / (scale + abs(len(text.strip()) - len(answer))) and 0 < got <= 1
+    else:
+        assert got == 0.0
+
+
+def test_reward_keys_and_validation() -> None:
+    reference = make_task(TaskConfig(name="conciseness", conciseness_reward="reference", length_scale=10))
+    assert reference.score(PARIS, "Paris" + "." * 10)["reward"] == 0.5
+    assert make_task(TaskConfig(name="conciseness")).score(PARIS, "x" * 20)["reward"] == 0.0  # default: length
+    ConcisenessTask.validate_config(TaskConfig(name="conciseness", conciseness_reward="reference"))
+    for key, value in (("conciseness_reward", "brevity"), ("length_scale", 0.0), ("length_scale", -1.0),
+                       ("length_scale", float("nan")), ("length_scale", float("inf")), ("target_length", -1)):
+        cfg = TaskConfig(name="conciseness", **{key: value})
+        with pytest.raises(ValueError, match=f"task.{key}"):
+            ConcisenessTask.validate_config(cfg)
+        with pytest.raises(ValueError, match=f"task.{key}"):
+            make_task(cfg)
+
+
+def test_bad_conciseness_keys_fail_at_load() -> None:
+    for override, key in (("task.conciseness_reward=brevity", "task.conciseness_reward"),
+                          ("task.length_scale=0", "task.length_scale")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, [override])
+
+
+def test_the_demo_uses_the_reference_reward() -> None:
+    """`make demo` trains on the reward that cannot be bought by damage, scored on all 20 held-out
+    questions before and after training."""
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
+    assert cfg.task.name == "conciseness" and cfg.task.conciseness_reward == "reference"
+    assert cfg.task.eval_prompts >= len(EVAL) and cfg.run.eval_every >= 1
 
 
 def test_answer_part() -> None:

@@ -1,26 +1,38 @@
-"""Conciseness: reward answers for having a target length (the ES paper's second task).
+"""Conciseness: reward short answers (the ES paper's second task), without paying for damage.
 
 Qiu et al. 2025 ("Evolution Strategies at Scale", es_fine-tuning_conciseness.py) reward
--|len(generated) - len(target_text)| on short questions. Here the target is one length for
-all questions, `cfg.target_length` characters, and the reward is
+-|len(generated) - len(target_text)|, one reference answer per question. Two rewards here
+(`task.conciseness_reward`):
 
-    reward = -| len(completion.strip()) - target_length |        (characters, not normalised)
+  "reference"  correct answers only, shorter = better, measured against each question's
+               reference answer (`excess` = characters beyond it, `s` = task.length_scale):
 
-Dense and smooth in the length (no clipping), so small weight perturbations that change a few
-tokens change the reward: it is the quick learning demo for small models (SmolLM2-135M on CPU).
+                   reward = s / (s + excess)   if the completion contains the reference answer
+                          = 0                  otherwise
+
+               1.0 for exactly the reference, 0.5 at `s` characters too many, > 0 for every
+               correct answer however long, 0 for every wrong or empty one however short:
+               shortening can never buy back a lost answer, so ES learns brevity that keeps the
+               answer (the CPU demo, docs/demo.md).
+  "length"     -|len(completion.strip()) - target_length|, one target for all questions:
+               brevity alone, dense and unclipped. ES learns it fast and by cutting answers off
+               (with lr 0.03 the mean adapter answered with empty strings). Kept as the default
+               because the tests' tiny random model never names a reference answer, so the
+               "reference" reward would give it no signal at all.
 
 Train problems are the same `n` questions every generation (a fixed data_seed-shuffled order),
 as the ES paper's conciseness run scored a fixed prompt set each iteration: the learning curve
 then reflects the weights, not which questions a generation drew. The held-out questions are
-a separate, fixed slice of the list. `answer` reports whether the completion still contains
-the reference answer (case-insensitive, whole word), so accuracy shows if brevity costs
-correctness.
+a separate, fixed slice of the list. `answer` reports whether the completion contains the
+reference answer (case-insensitive, whole word), so accuracy shows if brevity costs correctness.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
+from types import SimpleNamespace
 from typing import Any
 
 from eslora.tasks.base import Problem, render_chat
@@ -122,6 +134,16 @@ def length_reward(completion: str, target_length: int) -> float:
     return -float(abs(len(completion.strip()) - int(target_length)))
 
 
+def reference_reward(completion: str, answer: str, length_scale: float) -> float:
+    """s / (s + characters beyond the reference answer) if the completion contains it, else 0."""
+    if not isinstance(completion, str):
+        raise TypeError(f"completion must be str, got {type(completion).__name__}")
+    if not answer or not contains_answer(completion, answer):
+        return 0.0
+    excess = abs(len(completion.strip()) - len(answer))
+    return float(length_scale) / (float(length_scale) + excess)
+
+
 def contains_answer(completion: str, answer: str) -> bool:
     """The reference answer appears as a whole word/number, case-insensitive ("8" not in "18")."""
     pattern = rf"(?<![{_WORD}]){re.escape(answer)}(?![{_WORD}])"
@@ -129,7 +151,7 @@ def contains_answer(completion: str, answer: str) -> bool:
 
 
 class ConcisenessTask:
-    """Short questions; reward = -|len(completion.strip()) - target_length| (characters).
+    """Short questions with reference answers; reward "reference" or "length" (module docstring).
 
     template="chat": the question as the user turn of the tokenizer's chat template with the
     generation prompt (plain "User: ...\\nAssistant:" without a template); template="raw": the
@@ -137,23 +159,38 @@ class ConcisenessTask:
     """
 
     name = "conciseness"
+    REWARDS = ("reference", "length")
 
-    def __init__(self, *, template: str = "chat", target_length: int = 20, data_seed: int = 1234,
-                 tokenizer: Any = None) -> None:
-        if template not in ("chat", "raw"):
-            raise ValueError(f"task.template={template!r}: use chat or raw")
-        if int(target_length) < 0:
-            raise ValueError(f"task.target_length={target_length!r} must be >= 0")
-        self.template, self.target_length, self.data_seed = template, int(target_length), int(data_seed)
+    def __init__(self, *, template: str = "chat", reward: str = "length", target_length: int = 20,
+                 length_scale: float = 20.0, data_seed: int = 1234, tokenizer: Any = None) -> None:
+        self.validate_config(SimpleNamespace(template=template, conciseness_reward=reward,
+                                             target_length=target_length, length_scale=length_scale))
+        self.template, self.reward, self.data_seed = template, reward, int(data_seed)
+        self.target_length, self.length_scale = int(target_length), float(length_scale)
         self.tokenizer = tokenizer
         order = list(range(len(TRAIN)))
         random.Random(f"eslora-conciseness|{self.data_seed}").shuffle(order)
         self._train_order = order
 
     @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        """The conciseness keys' value rules; raises ValueError naming the key."""
+        scale = float(cfg.length_scale)
+        checks = [
+            (cfg.template in ("chat", "raw"), f"task.template={cfg.template!r}: use chat or raw"),
+            (cfg.conciseness_reward in cls.REWARDS,
+             f"task.conciseness_reward={cfg.conciseness_reward!r}: use {' or '.join(cls.REWARDS)}"),
+            (int(cfg.target_length) >= 0, f"task.target_length={cfg.target_length!r} must be >= 0"),
+            (math.isfinite(scale) and scale > 0, f"task.length_scale={cfg.length_scale!r} must be finite and > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @classmethod
     def from_config(cls, cfg: Any, tokenizer: Any = None) -> "ConcisenessTask":
-        return cls(template=cfg.template, target_length=cfg.target_length, data_seed=cfg.data_seed,
-                   tokenizer=tokenizer)
+        return cls(template=cfg.template, reward=cfg.conciseness_reward, target_length=cfg.target_length,
+                   length_scale=cfg.length_scale, data_seed=cfg.data_seed, tokenizer=tokenizer)
 
     def prompt(self, question: str) -> str:
         if self.template == "raw":
@@ -181,8 +218,11 @@ class ConcisenessTask:
         return [self._problem(qa, f"eval:{i}") for i, qa in enumerate(EVAL[:n])]
 
     def score(self, problem: Problem, completion: str) -> dict[str, float]:
-        reward = length_reward(completion, self.target_length)
         answer = str(problem.data.get("answer", ""))
+        if self.reward == "reference":
+            reward = reference_reward(completion, answer, self.length_scale)
+        else:
+            reward = length_reward(completion, self.target_length)
         return {
             "reward": reward,
             "length": float(len(completion.strip())),
