@@ -165,7 +165,7 @@ def generation_record(cfg: Config, generation: int, result: Any, stats: dict[str
     if "answer" in result.parts[0]:
         # `answer` is each member's share of correct answers over the generation's prompts.
         record["correct_completions"] = int(round(sum(p["answer"] for p in result.parts) * cfg.task.num_prompts))
-    if "exposed_handoff_s" in result.backend_stats and result.actors:
+    if result.actors:
         # Share of the servers' time (actors x generation wall) spent idle waiting for adapter
         # hand-off; calls overlap on one server, so their own walls don't add up.
         record["backend_handoff_share"] = result.backend_stats["exposed_handoff_s"] / (seconds * len(result.actors))

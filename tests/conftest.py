@@ -16,6 +16,19 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "tiny-qwen2", seed=0)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded Ray on 127.0.0.1 with 2 CPUs for one test module
+    (`pytestmark = pytest.mark.usefixtures("local_ray")`)."""
+    import ray
+
+    from eslora.cluster.pool import start_local_ray
+
+    start_local_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct HF folder, fetched into the eslora cache on first use.

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from eslora.checkpoint import load_checkpoint
-from eslora.cluster.pool import start_local_ray
 from eslora.config import to_yaml
 from eslora.lora import load_adapter
 from eslora.metrics import DROPPED, read_metrics
@@ -27,11 +25,7 @@ from tiny_run import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def config(tmp_path, model, name, *extra):
@@ -40,7 +34,7 @@ def config(tmp_path, model, name, *extra):
 
 
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory, tiny_model_path):
+def whole(tmp_path_factory, tiny_model_path, local_ray):
     """The uninterrupted 3-generation run every resume is compared with."""
     return train(config(tmp_path_factory.mktemp("whole"), tiny_model_path, "whole"))
 

@@ -7,7 +7,6 @@ import pytest
 import ray
 import torch
 
-from eslora.cluster.pool import start_local_ray
 from eslora.lora import load_adapter
 from eslora.train import evaluate, load_checkpoint, train
 from tiny_run import tiny_config
@@ -15,11 +14,7 @@ from tiny_run import tiny_config
 METRIC_KEYS = {"generation", "reward_mean", "reward_max", "reward_min", "reward_std", "seconds", "members", "tokens"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def config(tmp_path, model, name, *extra):
