@@ -2,8 +2,8 @@
 # Run a training run on a running Ray cluster as a Ray job, to its end:
 #   bash cluster/submit.sh CONFIG [key=value ...]
 # The working tree travels with the job (minus the excludes below); the driver joins the cluster
-# (cluster.address=auto). Streams the job's logs, then exits 0 only if the job SUCCEEDED: `ray job
-# submit` alone also exits 0 for a STOPPED job, and waits forever for a job that asks for a
+# that runs the job by itself (Ray Jobs sets RAY_ADDRESS; cluster.address stays empty). Streams
+# the job's logs, then exits 0 only if the job SUCCEEDED: `ray job submit` alone also exits 0 for a STOPPED job, and waits forever for a job that asks for a
 # resource no node has. Settings (environment): RAY_ADDRESS (the job server,
 # http://127.0.0.1:$RAY_DASHBOARD_PORT), SUBMIT_TIMEOUT_S (86400: then the job is stopped and this
 # exits 124), SUBMISSION_ID (eslora-<time>-<random>), PYTHON (the driver's python on the head,
@@ -20,7 +20,7 @@ EXCLUDES='[".venv", ".venv-vllm", "runs", ".git", ".gpu", ".whl", "__pycache__",
 SECONDS=0
 timeout --foreground "$TIMEOUT_S" "$RAY" job submit --address "$ADDRESS" --submission-id "$ID" --no-wait \
   --working-dir . --runtime-env-json "{\"excludes\": $EXCLUDES}" \
-  -- "${PYTHON:-python}" -m eslora.train "$CONFIG" cluster.address=auto "$@"
+  -- "${PYTHON:-python}" -m eslora.train "$CONFIG" "$@"
 trap 'echo; echo "detached from job $ID; it keeps running: ray job logs -f $ID / ray job stop $ID (--address $ADDRESS)"; exit 130' INT
 timeout --foreground $((TIMEOUT_S > SECONDS ? TIMEOUT_S - SECONDS : 1)) \
   "$RAY" job logs --address "$ADDRESS" --follow "$ID" || true

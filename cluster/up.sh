@@ -21,9 +21,24 @@ if [ ${#ROOT} -gt 40 ]; then
   exit 2
 fi
 DASHBOARD_URL=http://127.0.0.1:$DASHBOARD_PORT
+# What a shell needs for Ray's own CLI, printed exactly (tests/test_cluster_scripts.py runs it):
+# the job's driver joins this cluster by itself (Ray Jobs gives it RAY_ADDRESS).
+print_ray_job_lines() {
+  local exports="PATH=$RAY_BIN_DIR:\$PATH"
+  if [ "$RAY_AUTH_MODE" = token ]; then
+    exports+=" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.ray/auth_token"
+  fi
+  echo "plain Ray jobs, from the repository root:"
+  echo "  export $exports"
+  echo "  ray job submit --address $DASHBOARD_URL --working-dir . -- python -m eslora.train configs/demo.yaml" \
+    "run.dir=$PWD/runs cluster.num_actors=$((WORKERS + 1)) cluster.cpus_per_actor=$CPUS"
+}
 if [ -f "$ROOT/eslora-cluster.json" ]; then
   if [ -n "$("$PY" cluster/localray.py procs "$ROOT")" ]; then
     echo "Ray cluster already running at $ROOT (head $NODE_IP:$PORT, jobs $DASHBOARD_URL); make cluster-down stops it"
+    read -r WORKERS CPUS < <("$PY" -c 'import json, sys; s = json.load(open(sys.argv[1])); print(s["workers"], s["cpus"])' \
+      "$ROOT/eslora-cluster.json")
+    print_ray_job_lines
     exit 0
   fi
   "$PY" cluster/localray.py down "$ROOT" >/dev/null  # a stale state: nothing of it runs
@@ -70,3 +85,4 @@ nodes=$("$PY" cluster/localray.py wait-nodes "$DASHBOARD_URL" $((WORKERS + 1)) "
   || fail "not all nodes came up"
 echo "Ray cluster up in ${SECONDS}s at $ROOT: head $NODE_IP:$PORT + $WORKERS workers, $CPUS CPUs each (nodes: $nodes)"
 echo "jobs and dashboard: $DASHBOARD_URL   (make submit CONFIG=...; stop with make cluster-down)"
+print_ray_job_lines

@@ -21,7 +21,7 @@ from eslora.backends import make_backend
 from eslora.backends.base import Backend, Sampling
 from eslora.config import Config
 from eslora.es import EvolutionStrategy, Population
-from eslora.lora import Adapter, LoraSpec
+from eslora.lora import Adapter, AdapterError, LoraSpec
 from eslora.tasks import Problem, make_task
 
 
@@ -140,7 +140,7 @@ class Worker:
         else:
             problems = self.task.train_problems(0, num_problems)
         problems = problems[shard[0]::shard[1]]
-        adapter = None if tensors is None else Adapter(name="scored", spec=self.spec, tensors=dict(tensors))
+        adapter = None if tensors is None else Adapter(name="scored", spec=self.spec, tensors=self._checked(tensors))
         with self._backend_lock:
             completions = self.backend.generate(
                 [p.prompt for p in problems], [adapter], Sampling(max_new_tokens=max_new_tokens)
@@ -153,6 +153,17 @@ class Worker:
         return AdapterScore(
             parts=_mean_parts(scores), tokens=sum(c.num_tokens for c in completions), samples=samples, problems=len(problems)
         )
+
+    def _checked(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The adapter to score has the replica's tensor names and shapes (those of this model's LoRA)."""
+        expected = {name: value.shape for name, value in self.es.mean.items()}
+        got = {name: np.shape(value) for name, value in tensors.items()}
+        if got != expected:
+            wrong = sorted(n for n in expected.keys() & got.keys() if got[n] != expected[n])
+            detail = (f"tensor {wrong[0]} has shape {got[wrong[0]]}, this model's LoRA needs {expected[wrong[0]]}" if wrong
+                      else f"tensors missing: {sorted(expected.keys() - got.keys())[:3]}, unknown: {sorted(got.keys() - expected.keys())[:3]}")
+            raise AdapterError(f"adapter to score does not fit lora.* on this model: {detail}")
+        return dict(tensors)
 
     def stop(self) -> None:
         self.backend.stop()

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -186,6 +187,37 @@ def test_submit_job_to_local_cluster(cluster, tiny_model_path, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in records] == [0]
     assert (tmp_path / "job" / "adapter" / "adapter_config.json").is_file()
+
+
+def printed_ray_job_lines(up_output: str) -> tuple[dict, list[str]]:
+    """The exports and the `ray job submit` command cluster-up printed, as a new shell would take them."""
+    lines = [line.strip() for line in up_output.splitlines()]
+    exports = [line[len("export "):] for line in lines if line.startswith("export ")]
+    commands = [line for line in lines if line.startswith("ray job submit ")]
+    assert len(exports) == 1 and len(commands) == 1, up_output
+    return dict(item.split("=", 1) for item in shlex.split(exports[0])), shlex.split(commands[0])
+
+
+def test_plain_ray_job_submit_with_what_cluster_up_printed(cluster, tiny_model_path, tmp_path):
+    """Ray's own CLI, as Ray's docs show it, in a shell that has only what cluster-up printed:
+    the job's driver (no cluster.address given) joins the 3-node cluster, not an embedded Ray."""
+    exports, command = printed_ray_job_lines(cluster.up_output)
+    assert command[:5] == ["ray", "job", "submit", "--address", cluster.dashboard] and "--working-dir" in command
+    shell = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    shell.update({k: v.replace("$PATH", shell["PATH"]) for k, v in exports.items()})
+    assert shell["RAY_AUTH_MODE"] == "token"
+    printed_actors = [a for a in command if a.startswith("cluster.num_actors=")]
+    assert printed_actors == [f"cluster.num_actors={WORKERS + 1}"]
+    run = [f"model.name_or_path={tiny_model_path}", f"run.dir={tmp_path}", "run.name=plain", "run.generations=2",
+           "run.eval_every=0", "lora.layers=null", "es.population=4", "task.num_prompts=1", "task.max_new_tokens=4",
+           "backend.max_loras_per_batch=1", "cluster.cpus_per_actor=1"]  # later keys override the printed ones
+    job = subprocess.run(command + run, cwd=ROOT, env=shell, capture_output=True, text=True, timeout=420)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in (job.stdout + job.stderr).lower()
+    records = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in records] == [0, 1]
+    # Every node's actor worked: the driver joined the cluster (an embedded Ray has one node).
+    assert all(r["actors"] == WORKERS + 1 and len({a["node"] for a in r["per_actor"]}) == WORKERS + 1 for r in records), records
 
 
 def test_submit_failing_job_exits_nonzero_with_the_error(cluster):

@@ -128,6 +128,19 @@ def test_embedded_ray_never_joins_a_running_cluster(cluster):
     assert nodes == "1" and address != cluster.address and address.startswith("127.0.0.1:")
 
 
+def test_ray_address_in_the_environment_joins_that_cluster(cluster):
+    """What Ray Jobs gives the driver it starts: RAY_ADDRESS=<the cluster's GCS>. With
+    cluster.address empty (the default) the driver joins that cluster instead of embedding one."""
+    code = (
+        "import ray; from eslora.cluster.connect import connect; connect('', 30); "
+        "print(len([n for n in ray.nodes() if n['Alive']]), ray.get_runtime_context().gcs_address); ray.shutdown()"
+    )
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["3", cluster.address]
+
+
 def test_generation_spread_over_every_node_equals_one_node(cluster, one_node, tiny_model_path):
     ref_fitness, ref_fingerprints, ref_means = one_node
     cfg = config(tiny_model_path, "cluster.num_actors=3")

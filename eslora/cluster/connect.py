@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
+import time
 from typing import Any, Mapping, Optional
 
 import ray
@@ -62,24 +64,49 @@ def start_local_ray(**kwargs: Any) -> None:
 def join(address: str, timeout_s: float) -> None:
     """Connect to a running cluster; one that cannot be reached within `timeout_s` is a ClusterError.
 
-    ray.init itself waits without limit for a GCS that does not answer (a refused loopback port
-    hung for minutes, measured on Ray 2.60), so the address is probed with a plain TCP connect first.
+    ray.init itself has no overall limit: it retries a GCS that does not answer 20 times, each
+    up to 40 s (a refused loopback port hung for minutes, measured on Ray 2.60). So the address
+    is probed first: a TCP connect, then Ray's own GCS client, both within `timeout_s`.
     """
     host, port = _gcs_host_port(address)
     if host in LOOPBACK:
         keep_loopback()  # a loopback cluster (cluster/up.sh, a test's): else Ray dials the routable address
+    deadline = time.monotonic() + timeout_s
+
+    def unreachable(reason: str) -> ClusterError:
+        return ClusterError(
+            f"cluster.address={address!r}: cannot reach the Ray cluster at {host}:{port} within "
+            f"cluster.connect_timeout_s={timeout_s:g} ({reason}); is it up (make cluster-up, ray up)?"
+        )
+
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as err:
-        reason = "timed out" if isinstance(err, socket.timeout) else (err.strerror or str(err))
-        raise ClusterError(
-            f"cluster.address={address!r}: cannot reach the Ray cluster at {host}:{port} within "
-            f"cluster.connect_timeout_s={timeout_s:g} ({reason}); is it up (make cluster-up, ray up)?"
-        ) from None
+        raise unreachable("timed out" if isinstance(err, socket.timeout) else (err.strerror or str(err))) from None
+    if not _gcs_answers(f"{host}:{port}", max(0.0, deadline - time.monotonic())):
+        raise unreachable("the port accepts connections but no Ray GCS answers")
     try:
         ray.init(address=address, log_to_driver=True)
     except ConnectionError as err:
         raise ClusterError(f"cluster.address={address!r}: {err}") from None
+
+
+def _gcs_answers(gcs_address: str, timeout_s: float) -> bool:
+    """Whether Ray's GCS client gets any answer (even an error) within `timeout_s`. It runs in a
+    daemon thread because its own wait cannot be shortened; one left waiting dies with the process."""
+    from ray._raylet import GcsClient
+
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            GcsClient(address=gcs_address)
+        except Exception:
+            pass  # an answer all the same: ray.init reports what is wrong
+        answered.set()
+
+    threading.Thread(target=probe, name="eslora-gcs-probe", daemon=True).start()
+    return answered.wait(timeout_s)
 
 
 def keep_loopback() -> None:
