@@ -24,8 +24,7 @@ from tiny_run import tiny_config
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    if ray.is_initialized():
-        ray.shutdown()
+    ray.shutdown()  # another module's Ray, if any (a no-op without one)
     start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
