@@ -1,7 +1,8 @@
-"""The pool's one fault policy on a real local Ray, nothing mocked: an error that would repeat
-stops the run at once with its own message (an actor that cannot start, a malformed adapter, a
-bad update); a lost actor is replaced and its call reruns elsewhere with the same result; an
-unreachable cluster address is an error within its timeout, not a hang.
+"""The pool's one fault policy on a real local Ray, nothing mocked: only lost actors and crashed
+servers are faults to ride out (a lost actor is replaced and its call reruns elsewhere with the
+same result); an error that would repeat stops the run at once with its own message (an actor
+that cannot start, a malformed adapter, a bad update); an unreachable cluster address is an
+error within its timeout, not a hang.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import time
 import numpy as np
 import pytest
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 
+from eslora.backends.base import BackendError, ServerCrashed
 from eslora.cluster import ClusterError
 from eslora.cluster.connect import driver_address, join
 from eslora.cluster.pool import ActorPool, start_local_ray
+from eslora.cluster.queue import fault, raise_as_itself
+from eslora.config import ConfigError
 from eslora.lora import AdapterError, LoraSpec
 from eslora.train import initial_strategy
 from tiny_run import tiny_config
@@ -38,6 +43,44 @@ def eval_actors(alive_only: bool = False) -> int:
     """Evaluation actors this Ray has ever started (or those alive now), from the GCS actor table."""
     table = ray._private.state.actors().values()
     return sum(a["ActorClassName"] == "EvalActor" and (not alive_only or a["State"] != "DEAD") for a in table)
+
+
+def test_only_lost_actors_and_crashed_servers_are_faults_to_ride_out():
+    """The policy on Ray's real errors: what a task raises arrives as a RayTaskError around it."""
+
+    @ray.remote(num_cpus=0.1)
+    def raising(error):
+        raise error
+
+    @ray.remote(num_cpus=0.1)
+    class Idle:
+        def ping(self):
+            return 1
+
+    caught = {}
+    for error in (ServerCrashed("server down past backend.max_restarts"), BackendError("bad request"),
+                  ConfigError("task.name='nope': no such task"), ZeroDivisionError("a bug")):
+        with pytest.raises(RayTaskError) as err:
+            ray.get(raising.remote(error))
+        caught[type(error).__name__] = err.value
+    actor = Idle.remote()
+    ray.get(actor.ping.remote())
+    ray.kill(actor, no_restart=True)
+    with pytest.raises(RayActorError) as err:
+        ray.get(actor.ping.remote())
+    caught["killed"] = err.value
+
+    assert {name: fault(e) for name, e in caught.items()} == {
+        "ServerCrashed": "crashed server", "BackendError": None, "ConfigError": None,
+        "ZeroDivisionError": None, "killed": "lost actor",
+    }
+    # An error that would repeat is raised as itself: an eslora error with its one-line message,
+    # anything else as its own type (with the actor's traceback).
+    with pytest.raises(ConfigError) as err:
+        raise_as_itself(caught["ConfigError"])
+    assert type(err.value) is ConfigError and str(err.value) == "task.name='nope': no such task"
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        raise_as_itself(caught["ZeroDivisionError"])
 
 
 def test_actor_that_cannot_start_stops_the_run_at_once_with_three_actors(tiny_model_path, tmp_path, capfd):

@@ -1,11 +1,12 @@
 """One worker without Ray: members rebuilt from seeds give distinct adapters and generations."""
 
 import numpy as np
+import pytest
 
 from eslora.config import load_config
 from eslora.es import EvolutionStrategy
 from eslora.es.init import init_lora_mean
-from eslora.lora import LoraSpec, adapter_shapes
+from eslora.lora import AdapterError, LoraSpec, adapter_shapes
 from eslora.worker import Worker
 
 
@@ -31,4 +32,9 @@ def test_two_members_differ_in_adapter_and_generation(tiny_model_path):
     # Replaying the driver's update keeps the replica identical to the driver.
     es.tell(population, result.fitness)
     assert worker.tell(population, result.fitness) == es.fingerprint()
+    # An adapter to score must have this model's LoRA shapes: the adapter's error, naming the tensor.
+    name = sorted(p0)[0]
+    malformed = {**p0, name: np.zeros((p0[name].shape[0] + 1, p0[name].shape[1]), np.float32)}
+    with pytest.raises(AdapterError, match=f"{name} has shape"):
+        worker.score_adapter(malformed, "eval", 1, 8)
     worker.stop()
