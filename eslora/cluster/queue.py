@@ -25,15 +25,10 @@ from typing import Any, Callable, NoReturn, Optional
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from eslora.backends.base import ServerCrashed
 from eslora.cluster import ClusterError
 from eslora.cluster.actors import Actors, Slot, brief
 from eslora.errors import EsloraError
-
-try:
-    from eslora.backends.base import ServerCrashed
-except ImportError:  # until the backends' contract names it (issue 15): no crash is retried
-    class ServerCrashed(Exception):  # type: ignore[no-redef]
-        """Placeholder: never raised."""
 
 
 @dataclass(eq=False)
