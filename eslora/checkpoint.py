@@ -41,6 +41,10 @@ class CheckpointError(EsloraError, RuntimeError):
     """A checkpoint that cannot be used (the message names the file)."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file that holds objects other than tensors, numbers, strings and containers."""
+
+
 def resume(es: EvolutionStrategy, cfg: Config, out: Path) -> Path:
     """Load the checkpoint `cfg.resume` names ("true" = this run folder `out`) into `es`.
 
@@ -160,10 +164,6 @@ def find_checkpoint(where: str | Path) -> tuple[Path, dict[str, Any]]:
             print(f"warning: using the older checkpoint {path}", flush=True)
         return path, checkpoint
     raise CheckpointError(f"no readable checkpoint in {where}: " + "; ".join(errors))
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A file that holds objects other than tensors, numbers, strings and containers."""
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

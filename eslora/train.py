@@ -15,13 +15,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from eslora import FunctionModule
 from eslora.checkpoint import Checkpoints, load_checkpoint, resume
 from eslora.config import Config, to_dict, to_yaml
+from eslora.es import EvolutionStrategy
 from eslora.evaluate import evaluate
 from eslora.lora import Adapter, LoraSpec
 from eslora.metrics import METRICS, MetricsLogger, plot, read_metrics, repair_metrics
@@ -30,6 +31,9 @@ from eslora.run_folder import RunFolder
 from eslora.startup import build_task, initial_strategy
 from eslora.summary import finish_run
 from eslora.tracking import check_trackers, open_trackers
+
+if TYPE_CHECKING:
+    from eslora.cluster.pool import ActorPool, GenerationResult
 
 __all__ = ["evaluate", "initial_strategy", "load_checkpoint", "main", "read_metrics", "run_dir", "train"]
 
@@ -90,15 +94,16 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> Path:
     return out
 
 
-def _loop(cfg: Config, es: Any, pool: Any, logger: MetricsLogger, checkpoints: Checkpoints,
+def _loop(cfg: Config, es: EvolutionStrategy, pool: "ActorPool", logger: MetricsLogger, checkpoints: Checkpoints,
           callbacks: Sequence[Callback]) -> None:
     from tqdm import tqdm
 
     initial_eval: dict[str, float] = {}
     if cfg.run.eval_every and es.generation == 0:
         # The initial mean has B = 0: this is the base model's held-out score, same problems.
-        initial_eval = {f"eval_initial_{k}": v for k, v in _held_out(pool, es, cfg).items()}
-        print("held-out before training: " + ", ".join(f"{k[13:]} {v:.4f}" for k, v in initial_eval.items()), flush=True)
+        base = _held_out(pool, es, cfg)
+        initial_eval = {f"eval_initial_{k}": v for k, v in base.items()}
+        print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()), flush=True)
     deadline = time.monotonic() + 60 * cfg.run.time_limit_min if cfg.run.time_limit_min > 0 else float("inf")
     while es.generation < cfg.run.generations:
         generation = es.generation
@@ -118,14 +123,15 @@ def _loop(cfg: Config, es: Any, pool: Any, logger: MetricsLogger, checkpoints: C
                   "no fitness variance, so the update is zero (nothing learned from this generation)", flush=True)
         # The last generation (by count or by run.time_limit_min) is always scored.
         last = generation + 1 >= cfg.run.generations or time.monotonic() >= deadline
-        if cfg.run.eval_every and ((generation + 1) % cfg.run.eval_every == 0 or last):
+        scored = bool(cfg.run.eval_every) and ((generation + 1) % cfg.run.eval_every == 0 or last)
+        if scored:
             record.update({f"eval_{k}": v for k, v in _held_out(pool, es, cfg).items()})
         try:
             stop = any([bool(callback(record)) for callback in callbacks])  # every callback sees every record
         except BaseException:
             logger.log(record)  # the generation is done: keep its line, then fail
             raise
-        if stop and cfg.run.eval_every and "eval_reward" not in record:
+        if stop and cfg.run.eval_every and not scored:  # a stop makes this the last generation
             record.update({f"eval_{k}": v for k, v in _held_out(pool, es, cfg).items()})
         # Actors lost anywhere in this generation: evaluation, update replay or eval.
         record["actor_failures_all"] = pool.failures - failures_before
@@ -139,7 +145,8 @@ def _loop(cfg: Config, es: Any, pool: Any, logger: MetricsLogger, checkpoints: C
             return
 
 
-def generation_record(cfg: Config, generation: int, result: Any, stats: dict[str, float], seconds: float) -> dict[str, Any]:
+def generation_record(cfg: Config, generation: int, result: "GenerationResult", stats: dict[str, float],
+                      seconds: float) -> dict[str, Any]:
     """The metrics of one generation (metrics.jsonl's keys; cluster/README.md for the queue's)."""
     fitness = np.asarray(result.fitness, dtype=np.float64)
     record: dict[str, Any] = {
@@ -172,12 +179,12 @@ def generation_record(cfg: Config, generation: int, result: Any, stats: dict[str
     return record
 
 
-def _held_out(pool: Any, es: Any, cfg: Config) -> dict[str, float]:
+def _held_out(pool: "ActorPool", es: EvolutionStrategy, cfg: Config) -> dict[str, float]:
     """Greedy held-out scores of the current mean adapter."""
     return pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens).parts
 
 
-def _save_after_failure(checkpoints: Checkpoints, logger: MetricsLogger, es: Any, cfg: Config) -> None:
+def _save_after_failure(checkpoints: Checkpoints, logger: MetricsLogger, es: EvolutionStrategy, cfg: Config) -> None:
     """Keep the newest state that matches metrics.jsonl: a generation whose line was written but
     whose state was not (the save failed) is saved again; one not logged yet was in flight."""
     if logger.last_generation == es.generation - 1 and checkpoints.saved_generation != es.generation:
