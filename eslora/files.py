@@ -23,10 +23,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write(tmp, data, os.O_TRUNC)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as err:
@@ -39,15 +36,30 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def append_whole(path: Path, data: bytes) -> None:
     """Append `data` (one record) durably; a failed append is cut back, leaving no partial line."""
-    with open(path, "ab") as f:
-        size = f.tell()
+    try:
+        _write(Path(path), data, os.O_APPEND)
+    except OSError as err:
+        raise FileWriteError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """All of `data` into `path` (opened with `mode`), fsynced; on failure cut back to the old size."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
+    try:
+        size = os.fstat(fd).st_size
         try:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        except OSError as err:
-            f.truncate(size)
-            raise FileWriteError(f"cannot write {path}: {err.strerror or err}") from None
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass  # not a regular file (or the disk refuses even that): the caller says why
+            raise
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:

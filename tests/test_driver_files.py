@@ -170,6 +170,12 @@ def test_cut_off_last_line_is_moved_aside_with_its_path_and_resume_keeps_the_res
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_metrics_line_that_cannot_be_written_names_the_file(tmp_path):
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC, from the kernel
+    with pytest.raises(FileWriteError, match=r"cannot write .*metrics\.jsonl: No space left on device"):
+        MetricsLogger(tmp_path).log(record(0))
+
+
 # -- the run folder ------------------------------------------------------------------------------
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
