@@ -103,7 +103,7 @@ class TaskConfig:
     # shorter = better (brevity cannot be bought by dropping the answer); "length" is the
     # brevity-only -|len - target_length| (default: the tests' tiny model never answers right).
     conciseness_reward: str = "length"
-    length_scale: float = 20.0  # conciseness "reference": characters over the reference that halve the reward
+    length_scale: float = 20.0  # conciseness "reference": characters beyond the reference that halve the brevity part
 
 
 @dataclass

@@ -49,14 +49,16 @@ PARIS = Problem(prompt="What is the capital of France?", data={"question": "q", 
 def test_reference_reward_values() -> None:
     task = ConcisenessTask(template="raw", reward="reference", length_scale=20)
     reward = lambda text: task.score(PARIS, text)["reward"]  # noqa: E731
-    assert reward("Paris") == 1.0 and reward(" paris \n") == 1.0  # exactly the reference
-    assert reward("The capital of France is Paris.") == pytest.approx(20 / (20 + 26))
-    assert reward("Paris" + "." * 20) == 0.5  # length_scale characters too many halve it
+    assert reward("Paris") == 2.0 and reward(" paris \n") == 2.0  # exactly the reference
+    assert reward("The capital of France is Paris.") == pytest.approx(1 + 20 / (20 + 26))
+    assert reward("Paris" + "." * 20) == 1.5  # length_scale characters too many halve the brevity part
     assert reward("Rome") == reward("") == reward("Parisian") == 0.0  # wrong, empty, not the word
-    assert ConcisenessTask(template="raw", reward="reference", length_scale=5).score(PARIS, "Paris" + "." * 5)["reward"] == 0.5
-    # among correct answers, every character fewer scores strictly better: a dense length signal
+    assert ConcisenessTask(template="raw", reward="reference", length_scale=5).score(PARIS, "Paris" + "." * 5)["reward"] == 1.5
+    # among correct answers, every character fewer scores strictly better: a dense length signal;
+    # the longest correct answer still beats a wrong one by more than any shortening can pay
     correct = [reward("Paris" + "!" * n) for n in range(200)]
-    assert all(a > b > 0 for a, b in zip(correct, correct[1:]))
+    assert all(a > b > 1 for a, b in zip(correct, correct[1:]))
+    assert correct[-1] - reward("Rome") > correct[0] - correct[-1]
 
 
 def test_reference_reward_cannot_be_bought_by_dropping_the_answer() -> None:
@@ -77,14 +79,14 @@ def test_reference_reward_cannot_be_bought_by_dropping_the_answer() -> None:
 def test_reference_reward_formula(text: str, answer: str, scale: float) -> None:
     got = reference_reward(text, answer, scale)
     if contains_answer(text, answer):
-        assert got == scale / (scale + abs(len(text.strip()) - len(answer))) and 0 < got <= 1
+        assert got == 1 + scale / (scale + abs(len(text.strip()) - len(answer))) and 1 < got <= 2
     else:
         assert got == 0.0
 
 
 def test_reward_keys_and_validation() -> None:
     reference = make_task(TaskConfig(name="conciseness", conciseness_reward="reference", length_scale=10))
-    assert reference.score(PARIS, "Paris" + "." * 10)["reward"] == 0.5
+    assert reference.score(PARIS, "Paris" + "." * 10)["reward"] == 1.5
     assert make_task(TaskConfig(name="conciseness")).score(PARIS, "x" * 20)["reward"] == 0.0  # default: length
     ConcisenessTask.validate_config(TaskConfig(name="conciseness", conciseness_reward="reference"))
     for key, value in (("conciseness_reward", "brevity"), ("length_scale", 0.0), ("length_scale", -1.0),

@@ -7,13 +7,13 @@ Qiu et al. 2025 ("Evolution Strategies at Scale", es_fine-tuning_conciseness.py)
   "reference"  correct answers only, shorter = better, measured against each question's
                reference answer (`excess` = characters beyond it, `s` = task.length_scale):
 
-                   reward = s / (s + excess)   if the completion contains the reference answer
-                          = 0                  otherwise
+                   reward = 1 + s / (s + excess)   if the completion contains the reference answer
+                          = 0                      otherwise
 
-               1.0 for exactly the reference, 0.5 at `s` characters too many, > 0 for every
-               correct answer however long, 0 for every wrong or empty one however short:
-               shortening can never buy back a lost answer, so ES learns brevity that keeps the
-               answer (the CPU demo, docs/demo.md).
+               2.0 for exactly the reference, 1.5 at `s` characters too many, > 1 for every
+               correct answer however long, 0 for every wrong or empty one however short: a lost
+               answer costs more than any shortening can pay back, so ES learns brevity that
+               keeps the answer (the CPU demo, docs/demo.md).
   "length"     -|len(completion.strip()) - target_length|, one target for all questions:
                brevity alone, dense and unclipped. ES learns it fast and by cutting answers off
                (with lr 0.03 the mean adapter answered with empty strings). Kept as the default
@@ -135,13 +135,13 @@ def length_reward(completion: str, target_length: int) -> float:
 
 
 def reference_reward(completion: str, answer: str, length_scale: float) -> float:
-    """s / (s + characters beyond the reference answer) if the completion contains it, else 0."""
+    """1 + s / (s + characters beyond the reference answer) if the completion contains it, else 0."""
     if not isinstance(completion, str):
         raise TypeError(f"completion must be str, got {type(completion).__name__}")
     if not answer or not contains_answer(completion, answer):
         return 0.0
     excess = abs(len(completion.strip()) - len(answer))
-    return float(length_scale) / (float(length_scale) + excess)
+    return 1.0 + float(length_scale) / (float(length_scale) + excess)
 
 
 def contains_answer(completion: str, answer: str) -> bool:
