@@ -79,8 +79,12 @@ def test_resume_is_bit_identical(tmp_path, tiny_model_path):
 def test_eval_base_and_adapter(tmp_path, tiny_model_path):
     run = train(config(tmp_path, tiny_model_path, "ev", "run.generations=1"))
     base = evaluate(config(tmp_path, tiny_model_path, "ev", "task.eval_prompts=3", "task.eval_max_new_tokens=6"))
-    tuned = evaluate(config(tmp_path, tiny_model_path, "ev", "task.eval_prompts=3", "task.eval_max_new_tokens=6", f"adapter={run / 'adapter'}"))
+    # The adapter is scored as saved (r=1), whatever lora.* says; the caller's config is left as it was.
+    cfg = config(tmp_path, tiny_model_path, "ev", "task.eval_prompts=3", "task.eval_max_new_tokens=6",
+                 f"adapter={run / 'adapter'}", "lora.r=2", "lora.target_modules=[q_proj]")
+    tuned = evaluate(cfg)
     assert base["problems"] == 3 and "reward" in base and "reward" in tuned
+    assert cfg.lora.r == 2 and cfg.lora.target_modules == ["q_proj"]
 
 
 def test_time_limit_stops_and_held_out_scores_bracket_the_run(tmp_path, tiny_model_path):
