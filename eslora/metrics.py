@@ -33,14 +33,14 @@ class MetricsLogger:
                    if k != "generation" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for tracker in self.trackers:
             tracker.log(scalars, record["generation"])
-        print(summary_line(record), flush=True)
+        print(generation_line(record), flush=True)
 
     def close(self) -> None:
         for tracker in self.trackers:
             tracker.close()
 
 
-def summary_line(record: dict[str, Any]) -> str:
+def generation_line(record: dict[str, Any]) -> str:
     """The one console line of a generation."""
     extra = "".join(f" {k[:-5]} {record[k]:.3f}" for k in ("answer_mean", "format_mean") if k in record)
     if "correct_completions" in record:
