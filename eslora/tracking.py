@@ -51,7 +51,17 @@ def open_trackers(names: Sequence[str], out: Path, run_name: str, project: str, 
     """One tracker per name, writing under the run folder `out` (see the module docstring)."""
     check_trackers(names)
     makers = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
-    return [makers[name](out, run_name, project, config) for name in dict.fromkeys(names)]
+    trackers: list[Tracker] = []
+    for name in dict.fromkeys(names):
+        try:
+            trackers.append(makers[name](out, run_name, project, config))
+        except Exception as err:  # the tracker's own start-up (login, store): say which, and why
+            for tracker in trackers:
+                tracker.close()
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TrackingError(f"run.report_to: {name} could not start: {first}"
+                                + (" (or set WANDB_MODE=offline)" if name == "wandb" else "")) from None
+    return trackers
 
 
 class TensorBoardTracker:

@@ -1,9 +1,10 @@
 """The trackers of run.report_to, each writing for real into a run folder (wandb offline, the
 MLflow file store, TensorBoard event files), no server and no network."""
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from eslora.tracking import open_trackers
+from eslora.tracking import TrackingError, open_trackers
 
 
 def test_every_tracker_records_each_generation(tmp_path, monkeypatch):
@@ -29,3 +30,15 @@ def test_every_tracker_records_each_generation(tmp_path, monkeypatch):
     [records] = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # what `wandb sync` uploads
     data = records.read_bytes()
     assert b"reward_mean" in data and b"0.25" in data and b"sigma" in data
+
+
+def test_a_tracker_that_cannot_start_is_named_with_why(tmp_path, monkeypatch):
+    import wandb
+
+    wandb.teardown()  # forget the offline settings an earlier test left in this process
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no saved login
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(TrackingError, match=r"run.report_to: wandb could not start: No API key .*WANDB_MODE=offline"):
+        open_trackers(["tensorboard", "wandb"], tmp_path, "t", "eslora-test", {})
