@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import ray
 
-from eslora.checkpoint import CheckpointError, Checkpoints
+from eslora.checkpoint import CheckpointError, Checkpoints, resume
 from eslora.config import ConfigError, to_yaml
 from eslora.evaluate import evaluate
 from eslora.lora import Adapter, AdapterError, LoraSpec, adapter_shapes
@@ -66,6 +66,16 @@ def test_resume_of_a_different_run_refuses_before_writing_anything(tmp_path, tin
                                               r"es\.sigma: 0\.3 -> 0\.2\. .*resume_force=true"):
         train(config(tmp_path, tiny_model_path, "resume=true", "lora.alpha=3.0", "es.sigma=0.2"))
     assert snapshot(folder) == before  # config.yaml included: written only once a run is accepted
+
+
+def test_resume_force_resumes_past_the_differences_and_says_so(tmp_path, tiny_model_path, capsys):
+    folder = written_run(tmp_path, tiny_model_path)
+    cfg = config(tmp_path, tiny_model_path, "resume=true", "resume_force=true", "lora.alpha=3.0")
+    es = initial_strategy(cfg, str(tiny_model_path), LoraSpec.from_config(cfg.lora))
+    assert resume(es, cfg, folder) == folder / "checkpoints" / "gen_00001.pt"
+    assert es.generation == 1
+    out = capsys.readouterr().out
+    assert f"warning: resume_force=true: resuming {folder / 'checkpoints' / 'gen_00001.pt'} with lora.alpha: 2.0 -> 3.0" in out
 
 
 def test_resume_true_without_a_checkpoint_names_the_folder(tmp_path, tiny_model_path):
