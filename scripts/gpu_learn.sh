@@ -11,8 +11,9 @@
 # handed back, committed), the run resumes from it with its metrics.jsonl: same trajectory,
 # bit-identical to an uninterrupted run. Hand-back (`collect`, also at the end of `wait`): the
 # latest checkpoint, metrics.jsonl, the log, the curve and the adapter's two files, each far
-# below the 16 MiB a file may have. Copy them into bench/results/learn/RUN/ and commit; the next
-# allotment's `start` picks them up.
+# below the 16 MiB a file may have. Copy checkpoint.pt, metrics.jsonl, train.log and curve.png into
+# bench/results/learn/RUN/ and the two adapter files into bench/results/learn/RUN/adapter/, and
+# commit; the next allotment's `start` picks them up.
 set -uo pipefail
 source scripts/gpu_env.sh
 action=${1:?usage: gpu_learn.sh start CONFIG RUN [key=value ...] | wait RUN SECONDS | collect RUN}; shift
