@@ -212,10 +212,11 @@ class Actors:
             slot.generation = generation
 
     def stop(self) -> None:
-        """Stop every actor's backend (and server), then the actors."""
+        """Stop every idle actor's backend (and server), then all actors. An actor still busy
+        (a run stopped by an error) is killed at once: its server's watchdog stops the server."""
         handles = [slot.handle for slot in self.slots]
         try:
-            ray.get([h.stop.remote() for h in handles], timeout=120)
+            ray.get([slot.handle.stop.remote() for slot in self.slots if slot.inflight == 0], timeout=120)
         except Exception:  # a dead actor has nothing left to stop
             pass
         for handle in handles + [slot.handle for slot in self.starting.values()]:
