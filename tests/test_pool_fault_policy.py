@@ -19,7 +19,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from eslora.backends.base import BackendError, ServerCrashed
 from eslora.cluster import ClusterError
 from eslora.cluster.connect import driver_address, join
-from eslora.cluster.pool import ActorPool, start_local_ray
+from eslora.cluster.pool import ActorPool
 from eslora.cluster.queue import fault, raise_as_itself
 from eslora.config import ConfigError
 from eslora.lora import AdapterError, LoraSpec
@@ -27,12 +27,7 @@ from eslora.train import initial_strategy
 from tiny_run import tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.shutdown()  # another module's Ray, if any (a no-op without one)
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: embedded Ray, 2 CPUs, for this module
 
 
 def strategy(cfg, model):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import ray
 
-from eslora.cluster.pool import ActorPool, start_local_ray
+from eslora.cluster.pool import ActorPool
 from eslora.config import load_config
 from eslora.lora import LoraSpec, load_adapter
 from eslora.train import initial_strategy, read_metrics, train
@@ -32,13 +32,7 @@ GENERATIONS = 5  # per pool test; 2 faults each generation
 ACTORS = 4  # 4 x 0.5 CPU on the module's 2-CPU Ray
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # conftest: embedded Ray, 2 CPUs, for this module
 
 
 def pool_config(model, *extra):
