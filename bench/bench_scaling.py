@@ -32,7 +32,7 @@ from eslora.cluster.pool import ActorPool, start_local_ray  # noqa: E402
 from eslora.config import load_config  # noqa: E402
 from eslora.lora import LoraSpec  # noqa: E402
 from eslora.models import resolve_model  # noqa: E402
-from eslora.train import initial_strategy  # noqa: E402
+from eslora.startup import initial_strategy  # noqa: E402
 
 MODES = {"queue": {"calls_in_flight": 2, "batches_per_call": 1}, "static": {"calls_in_flight": 1, "batches_per_call": 0}}
 

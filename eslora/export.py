@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from eslora.errors import EsloraError
+from eslora.files import write_atomic
 from eslora.lora import Adapter, load_adapter, peft_model_with, set_base_model
 
 if TYPE_CHECKING:
@@ -55,15 +56,15 @@ def finish_adapter(adapter_dir: Path, model_path: str, base_model: str, card: Ma
     set_base_model(adapter_dir, base_model, revision)
     save_tokenizer(model_path, adapter_dir)
     card = {**({"revision": revision} if revision else {}), **card}
-    _write_atomic(adapter_dir / README, render_card(base_model, card))
-    _write_atomic(adapter_dir / CARD_JSON, json.dumps(card, indent=2, default=str) + "\n")
+    write_atomic(adapter_dir / README, render_card(base_model, card).encode())
+    write_atomic(adapter_dir / CARD_JSON, (json.dumps(card, indent=2, default=str) + "\n").encode())
 
 
 def run_card(cfg: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
     """The model card's facts from a run's config and metrics.jsonl records: what
     `eslora.summary.finish_run` gives `finish_adapter` at the end of a run."""
     from eslora.config import to_dict
-    from eslora.summary import held_out_scores
+    from eslora.metrics import held_out_scores
 
     before, after = held_out_scores(records)
     config = to_dict(cfg)
@@ -221,12 +222,6 @@ def _merged_usage(base_model: str) -> list[str]:
     ]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # --------------------------------------------------------------------------- export a run
 
 def export_run(run_dir: Path, merge_to: Optional[Path] = None, push_to_hub: Optional[str] = None) -> Path:
@@ -293,7 +288,7 @@ def merge_adapter(model_path: str, adapter: Adapter, out: Path, base_model: str,
         merged.to(saved_dtype).save_pretrained(str(work))
         _keep_base_config_keys(Path(model_path), work)
         save_tokenizer(model_path, work)
-        _write_atomic(work / README, render_card(base_model, card, merged=True))
+        write_atomic(work / README, render_card(base_model, card, merged=True).encode())
         mode = (work / README).stat().st_mode & 0o777  # a file written under the user's umask
         for path in work.iterdir():  # safetensors writes 0600, which a server run by others cannot read
             path.chmod(mode)

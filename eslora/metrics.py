@@ -145,3 +145,12 @@ def plot(metrics_path: Path, path: Path) -> Optional[Path]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def held_out_scores(records: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    """(before, after): the base model's held-out scores and those after the last scored generation."""
+    before = next(({k[len("eval_initial_"):]: v for k, v in r.items() if k.startswith("eval_initial_")}
+                   for r in records if any(k.startswith("eval_initial_") for k in r)), {})
+    after = next(({k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_") and not k.startswith("eval_initial_")}
+                  for r in reversed(records) if any(k.startswith("eval_") and not k.startswith("eval_initial_") for k in r)), {})
+    return before, after

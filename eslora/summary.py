@@ -11,33 +11,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from eslora.config import Config, to_dict
+from eslora.config import Config
 from eslora.files import write_atomic
-from eslora.metrics import METRICS, read_metrics
+from eslora.metrics import METRICS, held_out_scores, read_metrics
 
 SUMMARY = "summary.json"
-
-
-def held_out_scores(records: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
-    """(before, after): the base model's held-out scores and those after the last scored generation."""
-    before = next(({k[len("eval_initial_"):]: v for k, v in r.items() if k.startswith("eval_initial_")}
-                   for r in records if any(k.startswith("eval_initial_") for k in r)), {})
-    after = next(({k[len("eval_"):]: v for k, v in r.items() if k.startswith("eval_") and not k.startswith("eval_initial_")}
-                  for r in reversed(records) if any(k.startswith("eval_") and not k.startswith("eval_initial_") for k in r)), {})
-    return before, after
 
 
 def finish_run(cfg: Config, out: Path, adapter_dir: Path, model_path: str, generations: int,
                trained_now: int, seconds: float) -> dict[str, Any]:
     """Make the adapter shippable (model card, tokenizer), write summary.json, print the summary."""
-    from eslora.export import finish_adapter
+    from eslora.export import finish_adapter, run_card
 
-    before, after = held_out_scores(read_metrics(out / METRICS))
-    config = to_dict(cfg)
-    finish_adapter(adapter_dir, model_path, cfg.model.name_or_path, {
-        "task": cfg.task.name, "task_settings": config["task"], "es": config["es"], "lora": config["lora"],
-        "generations": generations, "held_out_before": before, "held_out_after": after,
-    })
+    records = read_metrics(out / METRICS)
+    before, after = held_out_scores(records)
+    finish_adapter(adapter_dir, model_path, cfg.model.name_or_path, run_card(cfg, records), revision=cfg.model.revision)
     files = {name: str(out / name) for name in ("metrics.jsonl", "curve.png", "checkpoints", "config.yaml")}
     summary = {
         "run": str(out), "generations": generations, "generations_this_session": trained_now,

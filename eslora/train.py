@@ -15,17 +15,16 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from eslora import FunctionModule
-from eslora.checkpoint import Checkpoints, load_checkpoint, resume
+from eslora.checkpoint import Checkpoints, resume
 from eslora.config import Config, to_dict, to_yaml
 from eslora.es import EvolutionStrategy
-from eslora.evaluate import evaluate
 from eslora.lora import Adapter, LoraSpec
-from eslora.metrics import METRICS, MetricsLogger, plot, read_metrics, repair_metrics
+from eslora.metrics import METRICS, MetricsLogger, plot, repair_metrics
 from eslora.models import resolve_model
 from eslora.run_folder import RunFolder
 from eslora.startup import build_task, initial_strategy
@@ -35,7 +34,7 @@ from eslora.tracking import check_trackers, open_trackers
 if TYPE_CHECKING:
     from eslora.cluster.pool import ActorPool, GenerationResult
 
-__all__ = ["evaluate", "initial_strategy", "load_checkpoint", "main", "read_metrics", "run_dir", "train"]
+__all__ = ["run_dir", "train"]
 
 Callback = Callable[[dict[str, Any]], Any]  # called with each generation's record; True stops the run
 
@@ -195,14 +194,13 @@ def _save_after_failure(checkpoints: Checkpoints, logger: MetricsLogger, es: Evo
     checkpoints.keep_latest()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m eslora.train ...` is `eslora train ...` (the CLI owns argv)."""
-    from eslora.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
 sys.modules[__name__].__class__ = FunctionModule  # `from eslora import train` may give this module: it calls train
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m eslora.train ...` (what `ray job submit` runs) is `python -m eslora train ...`: the
+    # command line owns argv. Run through the package's entry point, so this module never imports
+    # the CLI that imports it.
+    import runpy
+
+    sys.argv.insert(1, "train")
+    runpy.run_module("eslora", run_name="__main__")

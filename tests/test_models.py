@@ -17,7 +17,6 @@ from eslora.cli import main as cli_main
 from eslora.models import (
     KNOWN_MODELS,
     MARKER,
-    ModelError,
     ModelFetchError,
     build_tiny_model,
     cache_dir,

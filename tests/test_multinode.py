@@ -23,7 +23,7 @@ from ray.cluster_utils import Cluster
 
 from eslora.cluster.pool import ActorPool, ClusterError, start_local_ray
 from eslora.lora import LoraSpec, adapter_shapes
-from eslora.train import initial_strategy
+from eslora.startup import initial_strategy
 from tiny_run import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from eslora.cluster.pool import ActorPool
 from eslora.cluster.queue import fault, raise_as_itself
 from eslora.config import ConfigError
 from eslora.lora import AdapterError, LoraSpec
-from eslora.train import initial_strategy
+from eslora.startup import initial_strategy
 from tiny_run import tiny_config
 
 

@@ -24,7 +24,9 @@ import ray
 from eslora.cluster.pool import ActorPool
 from eslora.config import load_config
 from eslora.lora import LoraSpec, load_adapter
-from eslora.train import initial_strategy, read_metrics, train
+from eslora.metrics import read_metrics
+from eslora.startup import initial_strategy
+from eslora.train import train
 from tiny_run import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ import ray
 
 from eslora.cluster.pool import ActorPool, start_local_ray
 from eslora.lora import LoraSpec
-from eslora.train import initial_strategy
+from eslora.startup import initial_strategy
 from tiny_run import tiny_config
 
 pytestmark = pytest.mark.server

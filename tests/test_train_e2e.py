@@ -8,7 +8,9 @@ import ray
 import torch
 
 from eslora.lora import load_adapter
-from eslora.train import evaluate, load_checkpoint, train
+from eslora.checkpoint import load_checkpoint
+from eslora.evaluate import evaluate
+from eslora.train import train
 from tiny_run import tiny_config
 
 METRIC_KEYS = {"generation", "reward_mean", "reward_max", "reward_min", "reward_std", "seconds", "members", "tokens"}
