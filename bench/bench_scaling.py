@@ -56,7 +56,7 @@ def main() -> int:
     if args.cpu:
         overrides += ["cluster.gpus_per_actor=0", "backend.name=hf"]
     cfg = load_config(args.config, overrides)
-    model_path = resolve_model(cfg.model.name_or_path)
+    model_path = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     spec = LoraSpec.from_config(cfg.lora)
     start_local_ray()
 

@@ -29,7 +29,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     """
     from eslora.cluster.pool import ActorPool
 
-    model_path = resolve_model(cfg.model.name_or_path)
+    model_path = resolve_model(cfg.model.name_or_path, cfg.model.revision)
     build_task(cfg, model_path)
     spec = LoraSpec.from_config(cfg.lora)
     tensors = None

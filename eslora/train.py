@@ -57,7 +57,7 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> Path:
     check_trackers(cfg.run.report_to)
     with RunFolder(run_dir(cfg), resume=bool(cfg.resume)) as folder:
         out = folder.path
-        model_path = resolve_model(cfg.model.name_or_path)
+        model_path = resolve_model(cfg.model.name_or_path, cfg.model.revision)
         build_task(cfg, model_path)
         spec = LoraSpec.from_config(cfg.lora)
         es = initial_strategy(cfg, model_path, spec)

@@ -142,29 +142,33 @@ def test_finish_adapter_writes_the_base_as_named(tmp_path, tiny_model_path, base
     assert load_adapter(adapter_dir).spec.r == 2  # still a loadable adapter
 
 
-def test_real_run_on_a_hub_id_exports_naming_that_id(tmp_path, tiny_model_path, monkeypatch):
-    """A real short train() run on local Ray with model.name_or_path=acme/tiny-qwen, resolved from
-    a hub-style local cache offline: the adapter names `acme/tiny-qwen`, its card has the held-out
-    scores and the hub id as base_model, and the merge equals base + adapter through PEFT."""
+def test_real_run_on_a_hub_id_exports_naming_that_id(tmp_path, tiny_model_path, monkeypatch, capsys):
+    """A real short train() run on local Ray with model.name_or_path=acme/tiny-qwen at
+    model.revision=v1, resolved from a hub-style local cache offline: the run trains on that
+    revision's snapshot, the adapter names `acme/tiny-qwen` and the revision, its card has the
+    held-out scores and the hub id as base_model, and the merge equals base + adapter through PEFT."""
     import ray
 
     from eslora.cluster.pool import start_local_ray
     from eslora.train import train
-    from test_model_resolve import MAIN, make_hub_cache
+    from test_model_resolve import TAGGED, make_hub_cache
 
-    snapshot = make_hub_cache(tmp_path / "hub", tiny_model_path) / "snapshots" / MAIN
+    snapshot = make_hub_cache(tmp_path / "hub", tiny_model_path) / "snapshots" / TAGGED
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start_local_ray(num_cpus=2)
     try:
-        run = train(tiny_config("acme/tiny-qwen", f"run.dir={tmp_path}", "run.name=real", "run.generations=1",
-                                "run.eval_every=1", "task.eval_prompts=2", "task.eval_max_new_tokens=4"))
+        run = train(tiny_config("acme/tiny-qwen", "model.revision=v1", f"run.dir={tmp_path}", "run.name=real",
+                                "run.generations=1", "run.eval_every=1", "task.eval_prompts=2",
+                                "task.eval_max_new_tokens=4"))
     finally:
         ray.shutdown()
+    assert f"eslora: model {snapshot} " in capsys.readouterr().out  # the revision's snapshot was trained
     merged = export_run(run, merge_to=tmp_path / "merged")
 
     adapter = run / "adapter"
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "acme/tiny-qwen"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "acme/tiny-qwen" and config["revision"] == "v1"
     card = (adapter / "README.md").read_text()
     assert "base_model: acme/tiny-qwen" in card.split("---\n")[1]
     assert "| reward |" in card and "**Generations:** 1" in card
