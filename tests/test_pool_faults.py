@@ -258,6 +258,9 @@ def test_driver_killed_then_resumed_equals_uninterrupted(tmp_path, tiny_model_pa
         f"model.name_or_path={tiny_model_path}", f"run.dir={tmp_path}", "run.generations=5",
         "run.checkpoint_every=1", "run.eval_every=0", "lora.layers=null", "es.population=4", "es.sigma=0.3",
         "es.lr=0.05", "task.num_prompts=1", "task.max_new_tokens=4", "task.target_length=10",
+        # The length reward: the tiny random model never names a reference answer, so the demo's
+        # reference reward would score every member 0 and the comparison would prove nothing.
+        "task.conciseness_reward=length",
         "backend.max_loras_per_batch=2", "cluster.num_actors=1", "cluster.cpus_per_actor=1",
     ]
     latest = tmp_path / "crash" / "checkpoints" / "latest"
