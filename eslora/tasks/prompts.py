@@ -146,8 +146,9 @@ class PromptTask:
             train, held = [rows[i] for i in train_idx], [rows[i] for i in held_idx]
         else:
             fraction = float(opts["eval_fraction"])
-            held = [r for r in rows if self._held_out(r, fraction)]
-            train = [r for r in rows if not self._held_out(r, fraction)]
+            train, held = [], []
+            for row in rows:  # one hash per row
+                (held if self._held_out(row, fraction) else train).append(row)
         for what, got in (("training", train), ("held-out", held)):
             if not got:
                 raise DatasetError(f"{source}: no {what} rows ({len(rows)} rows); set task.train_rows / task.eval_rows "
