@@ -141,6 +141,9 @@ def not_applicable(completions, **kwargs):
 
 def wrong_count(completions, **kwargs):
     return [1.0, 2.0]
+
+def not_a_number(completions, **kwargs):
+    return ["high" for _ in completions]
 '''
 
 
@@ -201,6 +204,10 @@ def test_prompts_task_options(prompt_files) -> None:
                                 f"task.kwargs.rewards=[{rewards}:wrong_count]"))
     with pytest.raises(TaskError, match="'wrong_count' returned"):
         bad.score(bad.eval_problems(1)[0], "x")
+    words = make_task(task_config("task.name=prompts", f"task.kwargs.dataset={data}",
+                                  "task.kwargs.prompt_column=question", f"task.kwargs.rewards=[{rewards}:not_a_number]"))
+    with pytest.raises(TaskError, match=r"'not_a_number' returned \['high'\]; expected a list with one float"):
+        words.score(words.eval_problems(1)[0], "x")
 
 
 def test_prompts_task_on_a_dataset_folder_with_splits(prompt_files, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from eslora.tasks import loading
 from eslora.tasks.base import DatasetError, Problem, TaskError, plain_chat, render_chat, has_chat_template
@@ -255,12 +255,11 @@ class PromptTask:
 
 def _one_value(out: Any, name: str) -> float:
     """The single value a TRL-style reward returned for one completion (None = 0)."""
-    if not isinstance(out, (list, tuple)) or len(out) != 1:
-        raise TaskError(f"reward {name!r} returned {out!r}; expected a list with one float per completion")
-    value: Optional[float] = out[0]
-    if value is None:
-        return 0.0
-    value = float(value)
+    try:
+        (value,) = out if isinstance(out, (list, tuple)) else ()
+        value = 0.0 if value is None else float(value)
+    except (TypeError, ValueError, OverflowError):  # not one value, or not a (float-sized) number
+        raise TaskError(f"reward {name!r} returned {out!r}; expected a list with one float per completion") from None
     if not math.isfinite(value):
         raise TaskError(f"reward {name!r} returned {value!r}; rewards must be finite")
     return value
