@@ -5,6 +5,7 @@ SGLang server is tests/test_sglang_gpu.py; the stand-in only answers SGLang's HT
 
 import textwrap
 
+import numpy as np
 import pytest
 import requests
 
@@ -226,3 +227,16 @@ def test_two_concurrent_calls_get_their_own_results_and_stats(stand_in):
     assert [texts for texts, _ in results] == alone
     assert [stats["members"] for _, stats in results] == [3, 5]
     assert [stats["batches"] for _, stats in results] == [2, 3]
+
+
+def test_a_batch_whose_write_fails_leaves_nothing_loaded_or_written(stand_in):
+    backend = stand_in()
+    backend.start()
+    good = backend.random_adapter("good", seed=7, scale=0.1)
+    unwritable = Adapter("unwritable", backend.spec, {"x.lora_A.weight": np.array(["not a number"])})
+    with pytest.raises(TypeError):
+        backend._load_batch([good, unwritable])
+    assert list(backend.adapter_root.iterdir()) == [], "the failed batch's files must be deleted"
+    probe = backend._write(good, "probe")
+    answer = backend._post(backend.load_path, {"lora_name": "probe", "lora_path": str(probe)})
+    assert answer["loaded_adapters"] == ["probe"], "the batch's first member must have been unloaded"

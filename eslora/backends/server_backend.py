@@ -235,13 +235,13 @@ class ServerBackend(Backend):
         names: list[str] = []
         for adapter, name in zip(adapters, self._next_names(len(adapters))):
             t0 = time.perf_counter()
-            path = self._write(adapter, name)
-            t1 = time.perf_counter()
-            try:
+            try:  # a failed write (disk full, a bad tensor) also unloads the batch's earlier members
+                path = self._write(adapter, name)
+                t1 = time.perf_counter()
                 self._check_folder(path, where=f"adapter {adapter.name}")
                 self._post(self.load_path, {"lora_name": name, "lora_path": str(path)})
             except Exception:
-                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(self.adapter_root / name, ignore_errors=True)
                 self._unload(names)
                 raise
             t2 = time.perf_counter()
