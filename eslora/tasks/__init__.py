@@ -16,7 +16,7 @@ from typing import Any
 from eslora.tasks import loading
 from eslora.tasks.base import DatasetError, Problem, Task, TaskError, accuracy
 from eslora.tasks.conciseness import ConcisenessTask
-from eslora.tasks.countdown import CountdownTask
+from eslora.tasks.countdown import REWARDS, CountdownTask
 from eslora.tasks.prompts import PromptTask
 from eslora.tasks.splits import check_rows
 
@@ -76,7 +76,7 @@ def validate_config(cfg: Any) -> None:
         (cfg.eval_max_new_tokens >= 1, "task.eval_max_new_tokens must be >= 1"),
         (cfg.temperature >= 0, "task.temperature must be >= 0 (0 = greedy)"),
         (cfg.template in ("chat", "raw"), f"task.template={cfg.template!r}: use chat or raw"),
-        (cfg.reward in ("es_paper", "tinyzero"), f"task.reward={cfg.reward!r}: use es_paper or tinyzero"),
+        (cfg.reward in REWARDS, f"task.reward={cfg.reward!r}: use {' or '.join(REWARDS)}"),
         (cfg.train_set_size >= 0, f"task.train_set_size={cfg.train_set_size} must be >= 0 (0 = fresh problems "
                                   "every generation)"),
         (not cfg.train_set_size or cfg.num_prompts <= cfg.train_set_size,
