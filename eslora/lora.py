@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from eslora.errors import EsloraError
+from eslora.files import write_atomic
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -137,15 +138,12 @@ def set_base_model(folder: str | Path, base_model: str, revision: str = "") -> N
     """Name the adapter's base in adapter_config.json as the user named it (hub id, path, name).
 
     PEFT's AutoPeftModel loads `base_model_name_or_path` (at `revision`); an absolute cache path
-    there would not travel. Written beside, then renamed: an interrupted write leaves the old config whole.
+    there would not travel. Written atomically: an interrupted write leaves the old config whole.
     """
     config = read_adapter_config(folder)
     config["base_model_name_or_path"] = base_model
     config["revision"] = revision or None
-    path = Path(folder) / CONFIG_FILE
-    tmp = path.with_name(f".{CONFIG_FILE}.tmp")
-    tmp.write_text(json.dumps(config, indent=2, default=str))
-    tmp.replace(path)
+    write_atomic(Path(folder) / CONFIG_FILE, json.dumps(config, indent=2, default=str).encode())
 
 
 def peft_model_with(model, adapter: Adapter, base_model: str = ""):
