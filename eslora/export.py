@@ -164,12 +164,13 @@ def _number(value: Any) -> str:
 
 
 def _registry_name(base_model: str) -> Optional[str]:
-    from eslora.models import KNOWN_MODELS
+    """The canonical registry name `base_model` resolves to (a local path wins, as in resolve_model)."""
+    from eslora.models import get_spec
+    from eslora.models.registry import is_registry_name
 
-    if os.path.exists(os.path.expanduser(base_model)):
+    if os.path.exists(os.path.expanduser(base_model)) or not is_registry_name(base_model):
         return None
-    spec = KNOWN_MODELS.get(base_model) or KNOWN_MODELS.get(base_model.lower())
-    return spec.name if spec else None
+    return get_spec(base_model).name
 
 
 def _hub_id(base_model: str) -> Optional[str]:
