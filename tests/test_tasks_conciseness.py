@@ -156,6 +156,8 @@ def test_make_task_errors() -> None:
         make_task(TaskConfig(name="conciseness", template="xml"))
     with pytest.raises(ValueError, match="task.data_path"):
         make_task(TaskConfig(name="conciseness", data_path="x.json"))
+    with pytest.raises(ValueError, match="task.eval_rows='0:5': the conciseness task ships its own questions"):
+        make_task(TaskConfig(name="conciseness", eval_rows="0:5"))  # as load_config says, not silently ignored
     with pytest.raises(ValueError, match="unknown task"):
         make_task(TaskConfig(name="gsm8k"))
 

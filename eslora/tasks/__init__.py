@@ -43,6 +43,13 @@ def task_class(name: str) -> Any:
     return loading.resolve(str(name), "task.name")
 
 
+def _check_no_files(target: Any, cfg: Any) -> None:
+    if target is ConcisenessTask:
+        for key in FILE_KEYS:
+            if getattr(cfg, key):
+                raise ValueError(f"task.{key}={getattr(cfg, key)!r}: the conciseness task ships its own questions")
+
+
 def make_task(cfg: Any, tokenizer: Any = None) -> Task:
     """The task of a `TaskConfig`.
 
@@ -51,8 +58,7 @@ def make_task(cfg: Any, tokenizer: Any = None) -> Task:
     "<system>\\nUser: ...\\nAssistant: ..." layout (see eslora.tasks.base.plain_chat).
     """
     target = task_class(cfg.name)
-    if target is ConcisenessTask and cfg.data_path:
-        raise ValueError(f"task.data_path={cfg.data_path!r}: the conciseness task ships its own questions")
+    _check_no_files(target, cfg)
     if target in BUILTIN.values():
         return target.from_config(cfg, tokenizer)
     return loading.build_task(target, cfg, tokenizer)
@@ -89,10 +95,7 @@ def validate_config(cfg: Any) -> None:
     check_rows(cfg.train_rows, "task.train_rows")
     check_rows(cfg.eval_rows, "task.eval_rows")
     target = task_class(name)  # imports a user's module: a bad path fails here, naming task.name
-    if target is ConcisenessTask:
-        for key in FILE_KEYS:
-            if getattr(cfg, key):
-                raise ValueError(f"task.{key}={getattr(cfg, key)!r}: the conciseness task ships its own questions")
+    _check_no_files(target, cfg)
     for key in ("data_path", "eval_data_path"):
         if getattr(cfg, key):
             setattr(cfg, key, str(Path(getattr(cfg, key)).expanduser().resolve()))
