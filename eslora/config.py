@@ -221,13 +221,14 @@ def validate(cfg: Config) -> None:
     from eslora.cluster import validate_config as validate_cluster
     from eslora.es import validate_config as validate_es
     from eslora.tasks import validate_config as validate_task
+    from eslora.tracking import TRACKERS
 
     checks = [
         (cfg.run.generations >= 0, "run.generations must be >= 0"),
         (cfg.run.time_limit_min >= 0, "run.time_limit_min must be >= 0 (0 = no limit)"),
         (cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0 (0 = keep only the last state)"),
-        (all(t in ("tensorboard", "wandb", "mlflow") for t in cfg.run.report_to),
-         f"run.report_to={list(cfg.run.report_to)}: use any of tensorboard, wandb, mlflow"),
+        (all(t in TRACKERS for t in cfg.run.report_to),
+         f"run.report_to={list(cfg.run.report_to)}: use any of {', '.join(TRACKERS)}"),
         (cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype!r}: use one of {', '.join(DTYPES)}"),
         (cfg.lora.r >= 1, "lora.r must be >= 1"),
         (cfg.lora.alpha > 0 and math.isfinite(cfg.lora.alpha), f"lora.alpha={cfg.lora.alpha} must be finite and > 0"),
