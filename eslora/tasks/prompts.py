@@ -90,6 +90,12 @@ def _name(source: str) -> str:
     return Path(source).name if is_file_source(source) else source
 
 
+def _check_keys(kwargs: Mapping[str, Any]) -> None:
+    unknown = sorted(set(kwargs) - set(DEFAULTS))
+    if unknown:
+        raise TaskError(f"task.kwargs.{unknown[0]}: not a key of the prompts task; use {', '.join(DEFAULTS)}")
+
+
 def _reward_names(paths: Sequence[str]) -> list[str]:
     names: list[str] = []
     for path in paths:
@@ -107,9 +113,7 @@ class PromptTask:
 
     def __init__(self, *, tokenizer: Any = None, template: str = "chat", data_seed: int = 1234,
                  train_set_size: int = 0, train_rows: str = "", eval_rows: str = "", **kwargs: Any) -> None:
-        unknown = sorted(set(kwargs) - set(DEFAULTS))
-        if unknown:
-            raise TaskError(f"task.kwargs.{unknown[0]}: not a key of the prompts task; use {', '.join(DEFAULTS)}")
+        _check_keys(kwargs)
         opts = {**DEFAULTS, **kwargs}
         self.opts, self.tokenizer, self.template = opts, tokenizer, template
         self.data_seed, self.train_set_size = int(data_seed), int(train_set_size)
@@ -165,9 +169,7 @@ class PromptTask:
     def validate_config(cls, cfg: Any) -> None:
         """task.kwargs rules at load; makes file sources and reward files absolute (see eslora.tasks)."""
         kw = cfg.kwargs
-        unknown = sorted(set(kw) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f"task.kwargs.{unknown[0]}: not a key of the prompts task; use {', '.join(DEFAULTS)}")
+        _check_keys(kw)
         if not kw.get("dataset") or not isinstance(kw["dataset"], str):
             raise ValueError("task.kwargs.dataset: the prompts task needs a hub id or a .json/.jsonl/.csv/.parquet file")
         for key in ("dataset", "eval_dataset"):
