@@ -98,11 +98,15 @@ def generation_picks(size: int, n: int, rng: random.Random, fixed: bool) -> list
     return rng.sample(range(size), n)
 
 
+def generation_rng(tag: str, data_seed: int, generation: int) -> random.Random:
+    """The RNG of one generation's training problems (str seeds: SHA-512, stable everywhere)."""
+    return random.Random(f"{tag}-train|{data_seed}|{int(generation)}")
+
 
 def train_picks(size: int, generation: int, n: int, *, tag: str, data_seed: int, train_set_size: int,
                 where: str) -> list[int]:
     """Indices of a pool of `size` training rows scored in `generation` (task.train_set_size rules)."""
-    rng = random.Random(f"{tag}-train|{data_seed}|{int(generation)}")  # str seeds: SHA-512, stable everywhere
+    rng = generation_rng(tag, data_seed, generation)
     if not train_set_size:
         return generation_picks(size, n, rng, fixed=False)
     fixed = fixed_set(size, train_set_size, f"{tag}-train-set|{data_seed}", where)

@@ -19,7 +19,7 @@ from eslora.tasks.countdown.data import is_eval_problem, load_countdown_file, pr
 from eslora.tasks.countdown.generator import generate_problem
 from eslora.tasks.countdown.prompts import chat_prompt, raw_prompt
 from eslora.tasks.countdown.rewards import REWARDS, score
-from eslora.tasks.splits import generation_picks, split_rows, take_rows, train_picks
+from eslora.tasks.splits import generation_picks, generation_rng, split_rows, take_rows, train_picks
 
 MAX_NUMBERS = 5  # the exhaustive solver behind the generator grows ~x100 per extra number
 
@@ -186,8 +186,7 @@ class CountdownTask:
             picks = train_picks(len(rows), generation, n, tag="eslora-countdown", data_seed=self.data_seed,
                                 train_set_size=self.train_set_size, where=self.data_path)
             return [self._problem(rows[i], rows[i]["id"]) for i in picks]
-        # A string seed is hashed with SHA-512 by `random`: stable across processes/platforms.
-        rng = random.Random(f"eslora-countdown-train|{self.data_seed}|{int(generation)}")
+        rng = generation_rng("eslora-countdown", self.data_seed, generation)  # the one train_picks uses
         if self.train_set_size:
             fixed = self._generated_set()
             return [fixed[i] for i in generation_picks(len(fixed), n, rng, fixed=True)]
