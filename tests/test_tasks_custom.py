@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eslora.config import ConfigError, load_config
-from eslora.tasks import PromptTask, Task, TaskError, make_task
+from eslora.tasks import DatasetError, PromptTask, Task, TaskError, make_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -245,7 +245,7 @@ def test_prompts_task_bad_kwargs_fail_at_load(prompt_files, extra, needle) -> No
 
 def test_prompts_task_missing_column(prompt_files) -> None:
     data, rewards = prompt_files
-    with pytest.raises(Exception, match=r"no column 'prompt' \(task\.kwargs\.prompt_column\); columns: question"):
+    with pytest.raises(DatasetError, match=r"no column 'prompt' \(task\.kwargs\.prompt_column\); columns: question"):
         make_task(task_config("task.name=prompts", f"task.kwargs.dataset={data}",
                               f"task.kwargs.rewards=[{rewards}:length]"))
 
