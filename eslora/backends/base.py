@@ -7,6 +7,7 @@ holds the contract and its types only; the factory is `eslora.backends.make_back
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -101,8 +102,11 @@ class Backend(ABC):
         """The calling thread's last `generate` call as `CallStats.as_dict()` (zeros before any)."""
         return getattr(self._calls, "last", CallStats()).as_dict()
 
-    def _report(self, call: CallStats) -> None:
-        """Publish a finished call: `stats` for the calling thread, one record in `history`."""
+    def _finish_call(self, call: CallStats, out: Sequence[Optional[Sequence[Completion]]], started: float) -> None:
+        """Complete `call` (wall time since `started`, tokens of `out`) and publish it: `stats`
+        for the calling thread, one record in `history`."""
+        call.wall_s = time.perf_counter() - started
+        call.tokens = sum(c.num_tokens for row in out if row is not None for c in row)
         self._calls.last = call
         self.history.append({**call.as_dict(), **call.rates()})
 

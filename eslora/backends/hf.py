@@ -75,9 +75,7 @@ class HFBackend(Backend):
                 outs = self._generate_batch(prompts, [adapters[i] for i in rows], sampling, call)
                 for row, out in zip(rows, outs):
                     results[row] = out
-        call.wall_s = time.perf_counter() - started
-        call.tokens = sum(c.num_tokens for row in results if row is not None for c in row)
-        self._report(call)
+        self._finish_call(call, results, started)
         return results  # type: ignore[return-value]
 
     def _check(self, adapter: Adapter) -> None:

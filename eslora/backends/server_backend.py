@@ -268,15 +268,13 @@ class ServerBackend(Backend):
 
     # ------------------------------------------------------------------ stats
     def _finish_call(self, call: CallStats, out: Sequence[Optional[Sequence[Completion]]], started: float) -> None:
-        """Complete `call` (wall, tokens, the pending work) and publish it as `stats`."""
-        call.wall_s = time.perf_counter() - started
-        call.tokens = sum(c.num_tokens for row in out if row is not None for c in row)
+        """Add the work no call has reported yet, then complete and publish `call` as every backend does."""
         with self._lock:
             pending, self._pending = self._pending, CallStats()
         call.add(pending)
         if not self.handoff_overlaps:
             call.exposed_handoff_s = call.write_s + call.load_s + call.unload_s
-        self._report(call)
+        super()._finish_call(call, out, started)
 
 
 def error_message(resp: requests.Response) -> str:
