@@ -76,16 +76,16 @@ def train(cfg: Config, callbacks: Sequence[Callback] = ()) -> Path:
         )
         logger = MetricsLogger(out, open_trackers(cfg.run.report_to, out, cfg.run.name, cfg.run.tracker_project, to_dict(cfg)))
         checkpoints = Checkpoints(out, cfg.run.checkpoint_every)
-        with ActorPool(cfg, model_path, es.state_dict) as pool:
-            try:
-                _loop(cfg, es, pool, logger, checkpoints, callbacks)
-            except BaseException:
-                _save_after_failure(checkpoints, logger, es, cfg)  # the last finished generation stays on disk
-                raise
-            else:
+        try:  # the trackers are closed even when the pool cannot start
+            with ActorPool(cfg, model_path, es.state_dict) as pool:
+                try:
+                    _loop(cfg, es, pool, logger, checkpoints, callbacks)
+                except BaseException:
+                    _save_after_failure(checkpoints, logger, es, cfg)  # the last finished generation stays on disk
+                    raise
                 checkpoints.save(es, cfg, keep=True)
-            finally:
-                logger.close()
+        finally:
+            logger.close()
         adapter_dir = Adapter(name="mean", spec=spec, tensors=es.mean).save(out / "adapter", base_model=model_path)
         plot(out / METRICS, out / "curve.png")
         finish_run(cfg, out, adapter_dir, model_path, es.generation, es.generation - first_generation,

@@ -42,3 +42,30 @@ def test_a_tracker_that_cannot_start_is_named_with_why(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     with pytest.raises(TrackingError, match=r"run.report_to: wandb could not start: No API key .*WANDB_MODE=offline"):
         open_trackers(["tensorboard", "wandb"], tmp_path, "t", "eslora-test", {})
+
+
+def test_a_run_whose_actors_never_start_still_closes_its_trackers(tmp_path, tiny_model_path, monkeypatch):
+    """The cluster cannot be reached, so the pool fails before the first generation: the MLflow
+    run the driver opened is ended (FINISHED), not left RUNNING forever."""
+    import socket
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from eslora.cluster import ClusterError
+    from eslora.train import train
+    from tiny_run import tiny_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if ray.is_initialized():  # an earlier module's Ray: the driver would use it instead of joining
+        ray.shutdown()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    cfg = tiny_config(tiny_model_path, f"run.dir={tmp_path}", "run.name=r", "run.report_to=[mlflow]",
+                      f"cluster.address={refused}", "cluster.connect_timeout_s=5")
+    with pytest.raises(ClusterError, match="cannot reach the Ray cluster"):
+        train(cfg)
+    client = MlflowClient((tmp_path / "r" / "mlruns").resolve().as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name(cfg.run.tracker_project).experiment_id])
+    assert run.info.status == "FINISHED"
