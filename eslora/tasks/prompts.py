@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from eslora.tasks import loading
 from eslora.tasks.base import DatasetError, Problem, TaskError, plain_chat, render_chat, has_chat_template
-from eslora.tasks.splits import split_rows, take_rows, train_picks
+from eslora.tasks.splits import check_train_set_size, split_rows, take_rows, train_picks
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 DEFAULTS: dict[str, Any] = {
@@ -124,9 +124,7 @@ class PromptTask:
         self.column = opts["prompt_column"]
         self.source_name = _name(opts["dataset"])
         self.train_rows, self.eval_rows = self._split(opts, train_rows, eval_rows)
-        if self.train_set_size > len(self.train_rows):
-            raise DatasetError(f"{opts['dataset']}: task.train_set_size={self.train_set_size} is more than the "
-                               f"{len(self.train_rows)} training rows")
+        check_train_set_size(len(self.train_rows), self.train_set_size, opts["dataset"])
 
     def _rows(self, source: str, split: str, tag: str) -> list[dict[str, Any]]:
         rows = load_rows(source, split, self.opts["config_name"], self.opts["revision"])

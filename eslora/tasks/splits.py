@@ -76,10 +76,15 @@ def sample_rows(size: int, n: int, rng: random.Random) -> list[int]:
     return picks
 
 
-def fixed_set(size: int, train_set_size: int, seed: str, where: str) -> list[int]:
-    """The fixed training set: `train_set_size` indices of range(size) drawn once, in pool order."""
+def check_train_set_size(size: int, train_set_size: int, where: str) -> None:
+    """A fixed training set fits in the `size` training rows (checked when a task is built)."""
     if train_set_size > size:
         raise DatasetError(f"{where}: task.train_set_size={train_set_size} is more than the {size} training rows")
+
+
+def fixed_set(size: int, train_set_size: int, seed: str, where: str) -> list[int]:
+    """The fixed training set: `train_set_size` indices of range(size) drawn once, in pool order."""
+    check_train_set_size(size, train_set_size, where)
     return sorted(random.Random(seed).sample(range(size), train_set_size))
 
 

@@ -19,7 +19,7 @@ from eslora.tasks.countdown.data import is_eval_problem, load_countdown_file, pr
 from eslora.tasks.countdown.generator import generate_problem
 from eslora.tasks.countdown.prompts import chat_prompt, raw_prompt
 from eslora.tasks.countdown.rewards import REWARDS, score
-from eslora.tasks.splits import generation_picks, generation_rng, split_rows, take_rows, train_picks
+from eslora.tasks.splits import check_train_set_size, generation_picks, generation_rng, split_rows, take_rows, train_picks
 
 MAX_NUMBERS = 5  # the exhaustive solver behind the generator grows ~x100 per extra number
 
@@ -83,9 +83,8 @@ class CountdownTask:
         self._eval_rows: Optional[list[dict[str, Any]]] = None
         self._held_out_keys: Optional[set[str]] = None
         self._split(train_rows, eval_rows)
-        if self._train_rows is not None and self.train_set_size > len(self._train_rows):
-            raise DatasetError(f"{data_path}: task.train_set_size={train_set_size} is more than the "
-                               f"{len(self._train_rows)} training rows")
+        if self._train_rows is not None:
+            check_train_set_size(len(self._train_rows), self.train_set_size, data_path)
         self._fixed: Optional[list[Problem]] = None  # the fixed set of generated problems, built on first use
 
     @classmethod
