@@ -240,3 +240,16 @@ def test_a_batch_whose_write_fails_leaves_nothing_loaded_or_written(stand_in):
     probe = backend._write(good, "probe")
     answer = backend._post(backend.load_path, {"lora_name": "probe", "lora_path": str(probe)})
     assert answer["loaded_adapters"] == ["probe"], "the batch's first member must have been unloaded"
+
+
+def test_a_failed_self_check_stops_the_server_and_the_next_start_checks_again(stand_in, tmp_path):
+    refusing = STAND_IN.replace(
+        'if self.path == "/load_lora_adapter":\n',
+        'if self.path == "/load_lora_adapter":\n            return self.answer(400, {"message": "loads refused"})\n', 1)
+    assert refusing != STAND_IN
+    (tmp_path / "site" / "sglang" / "launch_server.py").write_text(refusing)
+    backend = stand_in()
+    for _ in range(2):  # the second start() must not find a half-started server and skip the self-check
+        with pytest.raises(BackendError, match="loads refused"):
+            backend.start()
+        assert backend.server is None

@@ -115,8 +115,16 @@ class ServerBackend(Backend):
         with self._restart_lock:
             if self.server is not None:
                 return
-            self._start_server()
-            self._on_first_start()
+            try:
+                self._start_server()
+                self._on_first_start()
+            except BaseException:
+                # A server that came up but failed its start-up work (self-check, dummy unload)
+                # must not keep running, nor let the next start() skip that work.
+                if self.server is not None:
+                    self._stop_server()
+                    self.server = None
+                raise
 
     def _start_server(self) -> None:
         self.adapter_root.mkdir(parents=True, exist_ok=True)
