@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from eslora.checkpoint import FOLDER
 from eslora.config import Config
 from eslora.files import write_atomic
 from eslora.metrics import METRICS, held_out_scores, read_metrics
+from eslora.run_folder import CONFIG
 
 SUMMARY = "summary.json"
 
@@ -26,7 +28,7 @@ def finish_run(cfg: Config, out: Path, adapter_dir: Path, model_path: str, gener
     records = read_metrics(out / METRICS)
     before, after = held_out_scores(records)
     finish_adapter(adapter_dir, model_path, cfg.model.name_or_path, run_card(cfg, records), revision=cfg.model.revision)
-    files = {name: str(out / name) for name in ("metrics.jsonl", "curve.png", "checkpoints", "config.yaml")}
+    files = {name: str(out / name) for name in (METRICS, "curve.png", FOLDER, CONFIG)}
     summary = {
         "run": str(out), "generations": generations, "generations_this_session": trained_now,
         "wall_seconds": seconds, "held_out_before": before, "held_out_after": after,
@@ -44,7 +46,7 @@ def finish_run(cfg: Config, out: Path, adapter_dir: Path, model_path: str, gener
         if key in before and key in after and abs(after[key] - before[key]) < 1e-12:
             print(f"warning: held-out {key} did not move ({before[key]:.4f}) over {generations} generations: "
                   "the run learned nothing measurable on held-out problems", flush=True)
-    print(f"  adapter {adapter_dir} | metrics {files['metrics.jsonl']} | curve {files['curve.png']} | "
+    print(f"  adapter {adapter_dir} | metrics {files[METRICS]} | curve {files['curve.png']} | "
           f"summary {out / SUMMARY}", flush=True)
     return summary
 
