@@ -33,6 +33,12 @@ def batched(rows: Sequence[int], size: int) -> list[list[int]]:
     return [list(rows[k:k + size]) for k in range(0, len(rows), size)]
 
 
+def row_batches(adapters: Sequence[Optional[Adapter]], size: int) -> list[list[int]]:
+    """The rows of a call in batches of at most `size`: base-model rows first, each kind apart."""
+    base, lora = split_rows(adapters)
+    return batched(base, size) + batched(lora, size)
+
+
 def check_adapter(
     spec: LoraSpec, max_rank: int, where: str, server_modules: Optional[Sequence[str]] = None
 ) -> None:

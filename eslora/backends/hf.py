@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from eslora.backends.base import Backend, BackendError, CallStats, Completion, Sampling
-from eslora.backends.common import batched, check_adapter, split_rows, torch_dtype
+from eslora.backends.common import check_adapter, row_batches, torch_dtype
 from eslora.lora import Adapter, LoraSpec
 
 
@@ -66,8 +66,7 @@ class HFBackend(Backend):
             if adapter is not None:
                 self._check(adapter)
         results: list[Optional[list[Completion]]] = [None] * len(adapters)
-        base_rows, lora_rows = split_rows(adapters)
-        batches = batched(base_rows, self.max_loras_per_batch) + batched(lora_rows, self.max_loras_per_batch)
+        batches = row_batches(adapters, self.max_loras_per_batch)
         call = CallStats(members=len(adapters), prompts=len(prompts), batches=len(batches))
         started = time.perf_counter()
         with self._lock:

