@@ -168,7 +168,11 @@ def find_checkpoint(where: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """One checkpoint file, loaded without running code; CheckpointError naming it otherwise."""
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+    except OSError as err:  # e.g. `latest` names a file that is gone
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror or err})") from None
+    if size == 0:
         raise CheckpointError(f"{path}: empty checkpoint file (0 bytes)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

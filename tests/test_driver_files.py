@@ -98,6 +98,10 @@ def test_zero_byte_and_truncated_checkpoints_name_the_file_and_fall_back(tmp_pat
     log = capsys.readouterr().out
     assert "gen_00003.pt: empty checkpoint file" in log and "gen_00002.pt: unreadable" in log
     assert f"using the older checkpoint {folder / 'gen_00001.pt'}" in log
+    (folder / "latest").write_text("gen_00004.pt")  # names a file that is gone: fall back, say so
+    capsys.readouterr()
+    assert find_checkpoint(tmp_path)[0] == folder / "gen_00001.pt"
+    assert f"{folder / 'gen_00004.pt'}: cannot read the checkpoint (No such file or directory)" in capsys.readouterr().out
     (folder / "gen_00001.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="no readable checkpoint in"):
         load_checkpoint(tmp_path)
