@@ -16,6 +16,7 @@ from typing import Any
 
 from eslora import FunctionModule
 from eslora.config import Config
+from eslora.es import EvolutionStrategy
 from eslora.lora import LoraSpec
 from eslora.models import resolve_model
 from eslora.startup import build_task, check_adapter, initial_strategy
@@ -41,7 +42,9 @@ def evaluate(cfg: Config) -> dict[str, Any]:
                 cfg.lora, r=spec.r, alpha=spec.alpha, target_modules=list(spec.target_modules),
                 layers=None if spec.layers is None else list(spec.layers)))
         tensors = dict(adapter.tensors)
-    es = initial_strategy(cfg, model_path, spec)
+    # The actors' replica state: the adapter itself (its shapes were just checked against the
+    # model, so they are not derived a second time), else the generation-0 mean.
+    es = EvolutionStrategy(cfg.es, tensors) if tensors is not None else initial_strategy(cfg, model_path, spec)
     started = time.perf_counter()
     with ActorPool(cfg, model_path, es.state_dict) as pool:
         score = pool.score_adapter(tensors, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens)
