@@ -18,6 +18,7 @@ from typing import IO, Optional
 
 from eslora.errors import EsloraError
 from eslora.files import write_atomic
+from eslora.metrics import METRICS
 
 LOCK = ".lock"
 CONFIG = "config.yaml"
@@ -61,10 +62,10 @@ class RunFolder:
 
     def results(self) -> list[str]:
         """What of a run's results the folder holds (a start that finished no generation holds none)."""
-        metrics = self.path / "metrics.jsonl"
+        metrics = self.path / METRICS
         return [name for name, present in (
             ("checkpoints", any((self.path / "checkpoints").glob("gen_*.pt"))),
-            ("metrics.jsonl", metrics.is_file() and metrics.stat().st_size > 0),
+            (METRICS, metrics.is_file() and metrics.stat().st_size > 0),
             ("adapter", (self.path / "adapter").exists()),
         ) if present]
 
