@@ -70,7 +70,12 @@ def setup(tiny_model_path, tmp_path_factory):
     backend.start()
     yield cfg, spec, shapes, backend
     shm = list(backend._shm_files)
+    started = time.monotonic()
     backend.stop()
+    seconds = time.monotonic() - started
+    # The API server gets its SIGTERM through the watchdog and exits in seconds (was: the watchdog
+    # kept the SIGTERM and stop() waited out its 20 s grace).
+    assert seconds < 15, f"stop() took {seconds:.0f} s"
     assert shm and not any(Path(f).exists() for f in shm), "the server's shared memory must be freed"
     assert not backend.adapter_root.exists(), "stop() must delete the adapter folder"
 

@@ -145,10 +145,10 @@ class VLLMBackend(ServerBackend):
         server = self.server
         if server is None:
             return
-        process = server.process
+        process = server.process  # the watchdog (watchdog.py), which relays SIGUSR1 as SIGTERM to the server
         if process is not None and process.poll() is None:
             try:
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(signal.SIGUSR1)  # a SIGTERM it would keep, waiting for the server
                 process.wait(timeout=grace_s)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass

@@ -1,6 +1,6 @@
 """Runs a server command and ends its whole process group when the parent that started it dies.
 
-    python watchdog.py PARENT_PID -- COMMAND ...
+    python watchdog.py PARENT_PID -- COMMAND ...     (SIGUSR1 to it: SIGTERM to COMMAND alone)
 
 `ServerProcess` starts servers through this, as the leader of a new process group. If the
 process that owns the server (a Ray actor) is killed with SIGKILL it cannot stop anything, and
@@ -26,6 +26,8 @@ def main(argv: list[str]) -> int:
     child = subprocess.Popen(argv[2:])  # same process group as this watchdog
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))  # the group got it too: wait for the child
+    # SIGUSR1 to this watchdog alone: SIGTERM the server alone (its workers are left to it).
+    signal.signal(signal.SIGUSR1, lambda *_: child.poll() is None and child.send_signal(signal.SIGTERM))
     while child.poll() is None:
         if not stopping and not _alive(parent):
             os.killpg(os.getpgrp(), signal.SIGTERM)  # reaches the server and its workers
