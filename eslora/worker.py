@@ -92,7 +92,7 @@ class Worker:
         )
         with self._backend_lock:
             completions = self.backend.generate([p.prompt for p in problems], adapters, sampling)
-            backend_stats = {k: float(v) for k, v in self.backend.stats.items() if isinstance(v, (int, float))}
+            backend_stats = self.backend.stats  # this thread's call, as CallStats.as_dict(): floats
         fitness, parts, tokens = [], [], []
         for member_completions in completions:
             scores = [self.task.score(p, c.text) for p, c in zip(problems, member_completions)]
