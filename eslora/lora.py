@@ -201,6 +201,20 @@ def check_servable(spec: LoraSpec, max_rank: int, where: str = "adapter") -> Non
     check_rank(config, max_rank, where=where)
 
 
+def shape_mismatch(expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, np.ndarray]) -> Optional[str]:
+    """What keeps `tensors` from being the LoRA tensors `expected` (name -> shape), or None if they are."""
+    got = {name: tuple(np.shape(t)) for name, t in tensors.items()}
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(got) if tuple(expected[n]) != got[n])
+    parts = (
+        f"missing {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "") if missing else "",
+        f"unexpected {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "") if extra else "",
+        f"{wrong[0]} has shape {got[wrong[0]]}, the model needs {tuple(expected[wrong[0]])}" if wrong else "",
+    )
+    return "; ".join(part for part in parts if part) or None
+
+
 def adapter_shapes(model_path: str, spec: LoraSpec) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every LoRA tensor PEFT creates for `spec` on this model.
 

@@ -15,7 +15,7 @@ from eslora.config import Config, ConfigError
 from eslora.errors import EsloraError
 from eslora.es import EvolutionStrategy
 from eslora.es.init import init_lora_mean
-from eslora.lora import Adapter, AdapterError, LoraSpec, adapter_shapes, load_adapter
+from eslora.lora import Adapter, AdapterError, LoraSpec, adapter_shapes, load_adapter, shape_mismatch
 
 
 def initial_strategy(cfg: Config, model_path: str, spec: LoraSpec) -> EvolutionStrategy:
@@ -46,16 +46,8 @@ def check_adapter(folder: str, model_path: str) -> Adapter:
         expected = adapter_shapes(model_path, adapter.spec)
     except ValueError as err:
         raise AdapterError(f"{folder}: {err}") from None
-    got = {name: tuple(np.shape(t)) for name, t in adapter.tensors.items()}
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    wrong = sorted(n for n in set(expected) & set(got) if expected[n] != got[n])
-    if missing or extra or wrong:
-        detail = "; ".join(part for part in (
-            f"missing {missing[0]} (+{len(missing) - 1} more)" if missing else "",
-            f"unexpected {extra[0]} (+{len(extra) - 1} more)" if extra else "",
-            f"{wrong[0]} has shape {got[wrong[0]]}, the model needs {expected[wrong[0]]}" if wrong else "",
-        ) if part)
+    detail = shape_mismatch(expected, adapter.tensors)
+    if detail:
         raise AdapterError(f"{folder}: the adapter does not fit {model_path} ({detail})")
     bad = [name for name, t in adapter.tensors.items() if not np.all(np.isfinite(t))]
     if bad:

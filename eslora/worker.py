@@ -21,7 +21,7 @@ from eslora.backends import make_backend
 from eslora.backends.base import Backend, Sampling
 from eslora.config import Config
 from eslora.es import EvolutionStrategy, Population
-from eslora.lora import Adapter, AdapterError, LoraSpec
+from eslora.lora import Adapter, AdapterError, LoraSpec, shape_mismatch
 from eslora.tasks import Problem, make_task
 
 
@@ -156,12 +156,8 @@ class Worker:
 
     def _checked(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The adapter to score has the replica's tensor names and shapes (those of this model's LoRA)."""
-        expected = {name: value.shape for name, value in self.es.mean.items()}
-        got = {name: np.shape(value) for name, value in tensors.items()}
-        if got != expected:
-            wrong = sorted(n for n in expected.keys() & got.keys() if got[n] != expected[n])
-            detail = (f"tensor {wrong[0]} has shape {got[wrong[0]]}, this model's LoRA needs {expected[wrong[0]]}" if wrong
-                      else f"tensors missing: {sorted(expected.keys() - got.keys())[:3]}, unknown: {sorted(got.keys() - expected.keys())[:3]}")
+        detail = shape_mismatch({name: value.shape for name, value in self.es.mean.items()}, tensors)
+        if detail:
             raise AdapterError(f"adapter to score does not fit lora.* on this model: {detail}")
         return dict(tensors)
 
