@@ -118,6 +118,9 @@ class SGLangConfig:
     attention_backend: str = ""  # e.g. triton when FA3 is absent
     sampling_backend: str = ""
     disable_cuda_graph: bool = False
+    # --cuda-graph-max-bs: decode runs as a CUDA graph only up to this many running requests (SGLang's
+    # default on an H200 is 256); set it to max_loras_per_batch x prompts per call when that is more.
+    cuda_graph_max_bs: int = 0  # 0 = SGLang's default
     mem_fraction_static: float = 0.0  # 0 = SGLang's default
     extra_args: list[str] = field(default_factory=list)  # passed through to launch_server
     start_timeout_s: float = 600.0

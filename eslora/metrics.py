@@ -138,6 +138,9 @@ def plot(metrics_path: Path, path: Path) -> Optional[Path]:
         if held_out("answer"):
             xs, ys = zip(*held_out("answer"))
             ax.plot(xs, [100 * y for y in ys], marker="s", label="held-out accuracy (mean adapter, greedy)")
+            base = [y for x, y in held_out("answer") if x == 0]
+            if base:  # the goal is measured against the base model: draw it across the run
+                ax.axhline(100 * base[0], color="gray", linestyle="--", label=f"base model, held-out ({100 * base[0]:.1f} %)")
         ax.set_xlabel("generation")
         ax.set_ylabel("accuracy (%)")
         ax.legend()

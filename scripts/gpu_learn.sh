@@ -11,7 +11,8 @@
 # handed back, committed), the run resumes from it with its metrics.jsonl: same trajectory,
 # bit-identical to an uninterrupted run. Hand-back (`collect`, also at the end of `wait`): the
 # latest checkpoint, metrics.jsonl, the log, the curve and the adapter's two files, each far
-# below the 16 MiB a file may have. Copy checkpoint.pt, metrics.jsonl, train.log and curve.png into
+# below the 16 MiB a file may have. Copy checkpoint.pt, metrics.jsonl and curve.png (train.log as
+# train_allotmentK.log) into
 # bench/results/learn/RUN/ and the two adapter files into bench/results/learn/RUN/adapter/, and
 # commit; the next allotment's `start` picks them up.
 set -uo pipefail

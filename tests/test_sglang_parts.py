@@ -25,6 +25,17 @@ def test_command_binds_loopback_and_names_lora_limits():
     assert cmd[cmd.index("--lora-target-modules") + 1 : cmd.index("--lora-target-modules") + 3] == ["q_proj", "v_proj"]
 
 
+def test_cuda_graph_batch_limit_is_passed_only_when_set():
+    cfg = load_config("configs/countdown_sglang.yaml")
+    spec = LoraSpec.from_config(cfg.lora)
+    assert "--cuda-graph-max-bs" not in build_command(cfg.backend, spec, cfg.model.dtype, "/models/m", 31000)
+    cfg = load_config("configs/countdown_learn.yaml")
+    cmd = build_command(cfg.backend, LoraSpec.from_config(cfg.lora), cfg.model.dtype, "/models/m", 31000)
+    # the learning run's calls are 8 members x 64 prompts: the decode graphs must cover all 512
+    assert cmd[cmd.index("--cuda-graph-max-bs") + 1] == "512"
+    assert cfg.backend.max_loras_per_batch * cfg.task.num_prompts <= cfg.backend.sglang.cuda_graph_max_bs
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_command_honours_model_dtype(dtype):
     cfg = load_config("configs/countdown_sglang.yaml", [f"model.dtype={dtype}"])

@@ -62,6 +62,8 @@ def build_command(backend_cfg: Any, spec: LoraSpec, dtype: str, model_path: str,
         cmd += ["--sampling-backend", sg.sampling_backend]
     if sg.disable_cuda_graph:
         cmd.append("--disable-cuda-graph")
+    if sg.cuda_graph_max_bs:
+        cmd += ["--cuda-graph-max-bs", str(sg.cuda_graph_max_bs)]
     if sg.mem_fraction_static:
         cmd += ["--mem-fraction-static", str(sg.mem_fraction_static)]
     if dummy_path:
