@@ -1,0 +1,318 @@
+"""Issue 14 in one run: eslora's ES generation against the best plain SGLang serving the same
+completions (P1), against a full-weight ES peer on the same engine and the HF reference loop (P2),
+and the exposed adapter hand-off, for one or more models; writes `$OUT/throughput.json`.
+
+    PYTHONPATH=/tmp/site:. python3 bench/bench_throughput.py \
+        --model qwen2.5-coder-0.5b=/tmp/model05 --model qwen2.5-coder-1.5b=/tmp/model [--repeats 2]
+
+Per model, each server started once and stopped before the next (one GPU):
+1. eslora, the default (`configs/countdown_sglang.yaml`: population 32 x 32 Countdown prompts,
+   256 new tokens, greedy, 8 adapters per batch): whole generations through the backend, as an
+   actor calls it (median of `--repeats` after a warm-up), with the exposed hand-off share.
+2. eslora "wide": every member of the generation loaded at once (`backend.max_loras_per_batch` =
+   population, decode CUDA graphs covering all its requests): the faster mode the issue allows
+   behind a config key. A member's slot is held until its longest completion stops, so with 8
+   slots a generation needs about population / 8 rounds of max-length decoding; with all members
+   loaded, one round.
+3. Plain SGLang (no LoRA), tuned (`--cuda-graph-max-bs` and `--max-running-requests` = all the
+   generation's requests), the same base-model requests in three shapes: one call holding all,
+   eslora's shape (population / 8 calls of 8 x prompts, one after another), and those calls all in
+   flight at once; each with natural stops and forced to the token limit (`ignore_eos`). Best plain
+   = the fastest natural-stop shape.
+4. Full-weight peer: an in-process `sglang.Engine` of the same model; per member, every weight +
+   sigma * N(0, 1) from the member's seed, sent as CUDA tensors (`update_weights_from_tensor`),
+   the prompts generated, the weights restored; the whole population, same prompts and tokens.
+5. HF reference loop (bench_reference.py's structure), `--reference-members` run, extrapolated.
+
+Ratios are wall-time ratios (greedy completions under different weights stop at different lengths;
+the per-token ratio is reported next to each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import requests  # noqa: E402
+
+from bench.common import ROOT, device_name, generation_inputs, median, out_path, versions  # noqa: E402
+
+ESLORA_FIELDS = ("wall_s", "tokens", "tokens_per_s", "handoff_share", "exposed_handoff_s", "write_s", "load_s", "unload_s")
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Median wall and tokens of the timed runs (the first run is the warm-up and is dropped)."""
+    timed = list(runs[1:]) or list(runs)
+    wall, tokens = median([r["wall_s"] for r in timed]), median([r["tokens"] for r in timed])
+    return {"wall_s": wall, "tokens": tokens, "s_per_token": wall / max(tokens, 1), "runs": list(runs)}
+
+
+def ratios(eslora: dict[str, Any], plain: dict[str, dict[str, Any]], same_shape: str) -> dict[str, Any]:
+    """P1 of `eslora` (a summary) against the fastest natural-stop plain shape and the same shape."""
+    natural = {name: s for name, s in plain.items() if not name.endswith("_forced")}
+    best = min(natural, key=lambda name: natural[name]["wall_s"])
+    return {
+        "best_plain_shape": best,
+        "p1_vs_best_plain": eslora["wall_s"] / natural[best]["wall_s"],
+        "p1_vs_best_plain_per_token": eslora["s_per_token"] / natural[best]["s_per_token"],
+        "p1_vs_same_shape": eslora["wall_s"] / plain[same_shape]["wall_s"],
+        "p1_vs_same_shape_per_token": eslora["s_per_token"] / plain[same_shape]["s_per_token"],
+    }
+
+
+def timed_runs(fn: Callable[[], dict[str, Any]], repeats: int, label: str) -> list[dict[str, Any]]:
+    runs = []
+    for i in range(repeats + 1):
+        runs.append(fn())
+        print(f"[{label} {i}{' warm-up' if i == 0 else ''}] {runs[-1]['wall_s']:.3f} s, {runs[-1]['tokens']} tokens", flush=True)
+    return runs
+
+
+def eslora_runs(cfg: Any, model_path: str, prompts: list[str], members: list, repeats: int, label: str) -> dict[str, Any]:
+    """Whole generations through eslora's SGLang backend (as an actor calls it)."""
+    from eslora.backends import make_backend
+    from eslora.backends.base import Sampling
+    from eslora.lora import LoraSpec
+
+    sampling = Sampling(max_new_tokens=cfg.task.max_new_tokens, temperature=cfg.task.temperature)
+    backend = make_backend(cfg.backend, model_path, LoraSpec.from_config(cfg.lora), cfg.model.dtype)
+    try:
+        backend.start()
+
+        def one() -> dict[str, Any]:
+            backend.generate(prompts, members, sampling)
+            backend.drain()  # the last unload, so each record holds its whole hand-off
+            return {k: backend.history[-1][k] for k in ESLORA_FIELDS}
+
+        out = summarize(timed_runs(one, repeats, label))
+        out["server_start_s"] = backend.start_seconds[0]
+        out["handoff_exposed_share"] = median([r["handoff_share"] for r in out["runs"][1:] or out["runs"]])
+        out["max_loras_per_batch"] = cfg.backend.max_loras_per_batch
+        out["cuda_graph_max_bs"] = cfg.backend.sglang.cuda_graph_max_bs
+        return out
+    finally:
+        backend.stop()
+
+
+def post(url: str, texts: list[str], max_new_tokens: int, forced: bool) -> int:
+    params = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": forced}
+    resp = requests.post(url + "/generate", json={"text": texts, "sampling_params": params}, timeout=1800)
+    resp.raise_for_status()
+    return sum(int(r["meta_info"]["completion_tokens"]) for r in resp.json())
+
+
+def plain_shapes(url: str, prompts: list[str], population: int, per_call: int, max_new_tokens: int,
+                 repeats: int) -> dict[str, dict[str, Any]]:
+    """The generation's base-model requests in three shapes, natural and forced stops."""
+    calls = [prompts * min(per_call, population - start) for start in range(0, population, per_call)]
+
+    def one_call(forced: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        tokens = post(url, [t for call in calls for t in call], max_new_tokens, forced)
+        return {"wall_s": time.perf_counter() - t0, "tokens": tokens}
+
+    def sequential(forced: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        tokens = sum(post(url, call, max_new_tokens, forced) for call in calls)
+        return {"wall_s": time.perf_counter() - t0, "tokens": tokens}
+
+    def concurrent(forced: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(calls)) as pool:
+            tokens = sum(pool.map(lambda call: post(url, call, max_new_tokens, forced), calls))
+        return {"wall_s": time.perf_counter() - t0, "tokens": tokens}
+
+    out = {}
+    for name, fn in (("one_call", one_call), ("eslora_shape", sequential), ("concurrent_calls", concurrent)):
+        for forced in (False, True):
+            key = name + ("_forced" if forced else "")
+            out[key] = summarize(timed_runs(lambda: fn(forced), repeats, f"plain {key}"))
+    return out
+
+
+def plain_runs(cfg: Any, model_path: str, prompts: list[str], repeats: int) -> dict[str, Any]:
+    """A plain server (the LoRA server's flags minus LoRA, plus graph and running limits covering
+    the whole generation) and the three request shapes."""
+    from bench.bench_sglang import plain_command
+    from eslora.backends.server import ServerProcess, free_port
+
+    population, per_call = cfg.es.population, cfg.backend.max_loras_per_batch
+    requests_all = population * len(prompts)
+    port = free_port()
+    cmd = plain_command(cfg, model_path, port) + ["--cuda-graph-max-bs", str(requests_all), "--max-running-requests", str(requests_all)]
+    server = ServerProcess(cmd, port=port, name="sglang-plain")
+    try:
+        start_s = server.start(timeout_s=cfg.backend.sglang.start_timeout_s)
+        shapes = plain_shapes(server.url, prompts, population, per_call, cfg.task.max_new_tokens, repeats)
+    finally:
+        server.stop()
+    return {"server_start_s": start_s, "command_flags": cmd[3:], "shapes": shapes}
+
+
+def perturbed(base: dict[str, Any], seed: int, sigma: float) -> list[tuple[str, Any]]:
+    """Every weight + sigma * N(0, 1), the noise regenerated from `seed` on the weights' device."""
+    import torch
+
+    out = []
+    for i, (name, weight) in enumerate(base.items()):
+        gen = torch.Generator(device=weight.device).manual_seed(seed * 1_000_003 + i)
+        noise = torch.randn(weight.shape, generator=gen, device=weight.device, dtype=torch.float32)
+        out.append((name, (weight.float() + sigma * noise).to(weight.dtype)))
+    return out
+
+
+def base_weights(model_path: str, device: str = "cuda") -> dict[str, Any]:
+    """The model's weights as HF names them, from its safetensors files (no code runs)."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, Any] = {}
+    for path in sorted(Path(model_path).glob("*.safetensors")):
+        weights.update(load_file(str(path), device=device))
+    return weights
+
+
+def fullweight_peer(cfg: Any, model_path: str, prompts: list[str], sigma: float, repeats: int) -> dict[str, Any]:
+    """Full-weight ES on one in-process SGLang engine: perturb / generate / restore per member."""
+    import sglang
+    import torch
+
+    sg = cfg.backend.sglang
+    kwargs = {"model_path": model_path, "dtype": cfg.model.dtype, "disable_radix_cache": True, "mem_fraction_static": 0.6}
+    kwargs.update({k: v for k, v in (("attention_backend", sg.attention_backend), ("sampling_backend", sg.sampling_backend)) if v})
+    t0 = time.perf_counter()
+    engine = sglang.Engine(**kwargs)
+    start_s = time.perf_counter() - t0
+    try:
+        base = base_weights(model_path)
+        original = list(base.items())
+        params = {"temperature": 0.0, "max_new_tokens": cfg.task.max_new_tokens}
+
+        def generation() -> dict[str, Any]:
+            update_s = generate_s = restore_s = 0.0
+            tokens = 0
+            t_gen = time.perf_counter()
+            for member in range(cfg.es.population):
+                t0 = time.perf_counter()
+                weights = perturbed(base, seed=member, sigma=sigma)
+                torch.cuda.synchronize()
+                engine.update_weights_from_tensor(weights, flush_cache=False)
+                del weights
+                t1 = time.perf_counter()
+                outs = engine.generate(prompt=prompts, sampling_params=params)
+                tokens += sum(int(o["meta_info"]["completion_tokens"]) for o in outs)
+                t2 = time.perf_counter()
+                engine.update_weights_from_tensor(original, flush_cache=True)
+                t3 = time.perf_counter()
+                update_s, generate_s, restore_s = update_s + t1 - t0, generate_s + t2 - t1, restore_s + t3 - t2
+            return {"wall_s": time.perf_counter() - t_gen, "tokens": tokens, "update_s": update_s,
+                    "generate_s": generate_s, "restore_s": restore_s}
+
+        out = summarize(timed_runs(generation, repeats, "full-weight peer"))
+        out["engine_start_s"] = start_s
+        out["weights"] = len(base)
+        out["parameters"] = int(sum(w.numel() for w in base.values()))
+        return out
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+
+
+def hf_reference(cfg: Any, model_path: str, prompts: list[str], members: int, sigma: float) -> dict[str, Any]:
+    """bench_reference.py's loop (perturb every weight in place, HF generate, restore), extrapolated."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.bench_reference import perturb
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda().eval()
+    try:
+        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+        kwargs = dict(max_new_tokens=cfg.task.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
+        seconds, tokens = [], 0
+        for m in range(members):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            perturb(model, seed=m, scale=sigma)
+            out = model.generate(**batch, **kwargs)
+            perturb(model, seed=m, scale=-sigma)
+            torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - t0)
+            tokens += int((out[:, batch["input_ids"].shape[1]:] != tok.pad_token_id).sum())
+        return {"members_run": members, "seconds_per_member": seconds,
+                "wall_s": median(seconds) * cfg.es.population, "tokens_run": tokens}
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def measure_model(name: str, model_path: str, args: argparse.Namespace) -> dict[str, Any]:
+    from eslora.config import load_config
+
+    overrides = [f"model.name_or_path={model_path}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    prompts, members, _, _ = generation_inputs(cfg, model_path)
+    population = len(members)
+    record: dict[str, Any] = {"model": name, "model_path": model_path, "device": device_name(),
+                              "population": population, "prompts": len(prompts), "max_new_tokens": cfg.task.max_new_tokens,
+                              "greedy": cfg.task.temperature == 0.0}
+    record["eslora"] = eslora_runs(cfg, model_path, prompts, members, args.repeats, "eslora")
+    wide_bs = population * len(prompts)
+    wide = load_config(args.config, [*overrides, f"backend.max_loras_per_batch={population}",
+                                     f"backend.sglang.cuda_graph_max_bs={wide_bs}"])
+    record["eslora_wide"] = eslora_runs(wide, model_path, prompts, members, args.repeats, "eslora wide")
+    record["plain"] = plain_runs(cfg, model_path, prompts, args.repeats)
+    shapes = record["plain"]["shapes"]
+    record.update(ratios(record["eslora"], shapes, "eslora_shape"))
+    record["wide"] = ratios(record["eslora_wide"], shapes, "one_call")
+    record["handoff_exposed_share"] = record["eslora"]["handoff_exposed_share"]
+    if args.peer:
+        record["fullweight_peer"] = fullweight_peer(cfg, model_path, prompts, cfg.es.sigma, args.repeats)
+        record["p2_vs_fullweight_peer"] = record["fullweight_peer"]["wall_s"] / record["eslora"]["wall_s"]
+    if args.reference_members:
+        record["hf_reference"] = hf_reference(cfg, model_path, prompts, args.reference_members, cfg.es.sigma)
+        record["p2_vs_hf_reference"] = record["hf_reference"]["wall_s"] / record["eslora"]["wall_s"]
+    return record
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help="a model to measure (repeatable)")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "countdown_sglang.yaml"))
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up, per measurement")
+    ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip the full-weight engine peer")
+    ap.add_argument("--reference-members", type=int, default=2, help="HF reference members run (0 = skip)")
+    ap.add_argument("overrides", nargs="*", help="config key=value for every model")
+    args = ap.parse_args()
+    models = [m.split("=", 1) for m in args.model]
+    if any(len(m) != 2 for m in models):
+        ap.error("--model takes NAME=PATH")
+    command = "python3 bench/bench_throughput.py " + " ".join(sys.argv[1:])
+    results = []
+    for name, path in models:
+        record = measure_model(name, path, args)
+        record.update({"command": command, "versions": versions(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        results.append(record)
+        target = out_path("throughput.json")
+        if target:  # written after each model, so a lease lost mid-run keeps what was measured
+            Path(target).write_text(json.dumps(results, indent=1, default=str))
+        print(json.dumps({k: v for k, v in record.items() if not isinstance(v, dict)}, indent=1, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
