@@ -20,8 +20,10 @@ Per model, each server started once and stopped before the next (one GPU):
    flight at once; each with natural stops and forced to the token limit (`ignore_eos`). Best plain
    = the fastest natural-stop shape.
 4. Full-weight peer: an in-process `sglang.Engine` of the same model; per member, every weight +
-   sigma * N(0, 1) from the member's seed, sent as CUDA tensors (`update_weights_from_tensor`),
-   the prompts generated, the weights restored; the whole population, same prompts and tokens.
+   sigma * N(0, 1) from the member's seed, the prompts generated, the weights restored; the whole
+   population, same prompts and tokens. Two ways, the faster one is the peer: in place in the
+   model process by a custom weight loader (bench/inplace_perturb.py, 16 bytes per update), and
+   as CUDA tensors built here and sent with `update_weights_from_tensor`.
 5. HF reference loop (bench_reference.py's structure), `--reference-members` run, extrapolated.
 
 Ratios are wall-time ratios (greedy completions under different weights stop at different lengths;
@@ -180,45 +182,62 @@ def base_weights(model_path: str, device: str = "cuda") -> dict[str, Any]:
 
 
 def fullweight_peer(cfg: Any, model_path: str, prompts: list[str], sigma: float, repeats: int) -> dict[str, Any]:
-    """Full-weight ES on one in-process SGLang engine: perturb / generate / restore per member."""
+    """Full-weight ES on one in-process SGLang engine: perturb / generate / restore per member, two
+    ways: `inplace` (the weights perturbed where they live, from the seed, by a custom weight
+    loader: 16 bytes sent per update) and `tensors` (the perturbed weights built here on the GPU and
+    sent as CUDA tensors through `update_weights_from_tensor`, the originals sent back)."""
     import sglang
     import torch
 
+    from bench.inplace_perturb import LOADER
+
     sg = cfg.backend.sglang
-    kwargs = {"model_path": model_path, "dtype": cfg.model.dtype, "disable_radix_cache": True, "mem_fraction_static": 0.6}
+    kwargs = {"model_path": model_path, "dtype": cfg.model.dtype, "disable_radix_cache": True,
+              "mem_fraction_static": 0.6, "custom_weight_loader": [LOADER]}
     kwargs.update({k: v for k, v in (("attention_backend", sg.attention_backend), ("sampling_backend", sg.sampling_backend)) if v})
     t0 = time.perf_counter()
     engine = sglang.Engine(**kwargs)
     start_s = time.perf_counter() - t0
+    params = {"temperature": 0.0, "max_new_tokens": cfg.task.max_new_tokens}
+
+    def update(named: list, load_format: Any = None) -> None:
+        ok, message = engine.update_weights_from_tensor(named, load_format=load_format, flush_cache=False)
+        if not ok:
+            raise RuntimeError(f"update_weights_from_tensor failed: {message}")
+
     try:
         base = base_weights(model_path)
         original = list(base.items())
-        params = {"temperature": 0.0, "max_new_tokens": cfg.task.max_new_tokens}
+        ways = {
+            "inplace": (lambda m: update([("seed_scale", torch.tensor([m, sigma], dtype=torch.float64))], LOADER),
+                        lambda m: update([("seed_scale", torch.tensor([m, -sigma], dtype=torch.float64))], LOADER)),
+            "tensors": (lambda m: update(perturbed(base, seed=m, sigma=sigma)), lambda m: update(original)),
+        }
 
-        def generation() -> dict[str, Any]:
+        def generation(perturb: Callable[[int], None], restore: Callable[[int], None]) -> dict[str, Any]:
             update_s = generate_s = restore_s = 0.0
             tokens = 0
             t_gen = time.perf_counter()
             for member in range(cfg.es.population):
                 t0 = time.perf_counter()
-                weights = perturbed(base, seed=member, sigma=sigma)
-                torch.cuda.synchronize()
-                engine.update_weights_from_tensor(weights, flush_cache=False)
-                del weights
+                perturb(member)
                 t1 = time.perf_counter()
                 outs = engine.generate(prompt=prompts, sampling_params=params)
                 tokens += sum(int(o["meta_info"]["completion_tokens"]) for o in outs)
                 t2 = time.perf_counter()
-                engine.update_weights_from_tensor(original, flush_cache=True)
+                restore(member)
+                torch.cuda.synchronize()
                 t3 = time.perf_counter()
                 update_s, generate_s, restore_s = update_s + t1 - t0, generate_s + t2 - t1, restore_s + t3 - t2
             return {"wall_s": time.perf_counter() - t_gen, "tokens": tokens, "update_s": update_s,
                     "generate_s": generate_s, "restore_s": restore_s}
 
-        out = summarize(timed_runs(generation, repeats, "full-weight peer"))
-        out["engine_start_s"] = start_s
-        out["weights"] = len(base)
-        out["parameters"] = int(sum(w.numel() for w in base.values()))
+        out: dict[str, Any] = {"engine_start_s": start_s, "weights": len(base),
+                               "parameters": int(sum(w.numel() for w in base.values()))}
+        for way, (perturb, restore) in ways.items():
+            out[way] = summarize(timed_runs(lambda: generation(perturb, restore), repeats, f"full-weight peer {way}"))
+        out["fastest"] = min(ways, key=lambda way: out[way]["wall_s"])
+        out["wall_s"] = out[out["fastest"]]["wall_s"]
         return out
     finally:
         engine.shutdown()

@@ -55,3 +55,24 @@ def test_peer_sends_the_weights_under_the_names_the_model_loads(tiny_model_path)
     assert all(tuple(w.shape) == tuple(state[n].shape) for n, w in weights.items())
     # every parameter the model has is perturbed (tied embeddings are one tensor, stored once)
     assert {n for n, _ in model.named_parameters()} <= set(weights)
+
+
+def test_inplace_loader_perturbs_every_weight_from_the_seed_and_restores(tiny_model_path):
+    import importlib
+
+    from transformers import AutoModelForCausalLM
+
+    from bench.inplace_perturb import LOADER
+
+    module, _, name = LOADER.rpartition(".")  # how SGLang's dynamic_import resolves the path
+    loader = getattr(importlib.import_module(module), name)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_path), dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loader(model, [("seed_scale", torch.tensor([7, 1e-2], dtype=torch.float64))])
+    moved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(not torch.equal(moved[n], before[n]) for n in before)
+    assert all(0.008 < float((moved[n] - before[n]).std()) < 0.012 for n in before if before[n].numel() > 1000)
+    loader(model, [("seed_scale", torch.tensor([7, -1e-2], dtype=torch.float64))])
+    assert all(torch.allclose(p, before[n], atol=1e-6) for n, p in model.named_parameters())
+    loader(model, [("seed_scale", torch.tensor([7, 1e-2], dtype=torch.float64))])  # the same member again
+    assert all(torch.allclose(p, moved[n], atol=1e-6) for n, p in model.named_parameters())
