@@ -37,6 +37,47 @@ def perturb(model: torch.nn.Module, seed: int, scale: float) -> None:
         del noise
 
 
+def reference_generation(model_path: str, prompts: list[str], max_new_tokens: int, members: int, sigma: float,
+                         population: int) -> dict:
+    """Run `members` members of the loop (perturb / generate / restore) and extrapolate to `population`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda().eval()
+    load_s = time.perf_counter() - t0
+    try:
+        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
+        per_member, tokens = [], []
+        for m in range(members):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            perturb(model, seed=m, scale=sigma)
+            out = model.generate(**batch, **gen_kwargs)
+            perturb(model, seed=m, scale=-sigma)  # restore: the same noise, subtracted
+            torch.cuda.synchronize()
+            per_member.append(time.perf_counter() - t0)
+            new = out[:, batch["input_ids"].shape[1]:]
+            tokens.append(int((new != tok.pad_token_id).sum()))
+            print(f"[reference member {m}] {per_member[-1]:.2f} s, {tokens[-1]} tokens", flush=True)
+    finally:
+        del model
+        torch.cuda.empty_cache()
+    return {
+        "what": "full-weight HF generate loop, perturb in place from a seed / generate / restore (ES paper structure)",
+        "model_load_s": load_s, "members_run": members, "population": population,
+        "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+        "seconds_per_member": per_member, "tokens_per_member": tokens,
+        "generation_s_extrapolated": median(per_member) * population,
+        "tokens_per_s": sum(tokens) / sum(per_member),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="/tmp/model")
@@ -46,43 +87,11 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cfg = load_config(args.config, [f"model.name_or_path={args.model}", *args.overrides])
     prompts, _, _, _ = generation_inputs(cfg, args.model)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).cuda().eval()
-    load_s = time.perf_counter() - t0
-    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
-    gen_kwargs = dict(max_new_tokens=cfg.task.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
-
-    per_member, tokens = [], []
-    for m in range(args.members):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        perturb(model, seed=m, scale=args.sigma)
-        out = model.generate(**batch, **gen_kwargs)
-        perturb(model, seed=m, scale=-args.sigma)  # restore: the same noise, subtracted
-        torch.cuda.synchronize()
-        per_member.append(time.perf_counter() - t0)
-        new = out[:, batch["input_ids"].shape[1]:]
-        tokens.append(int((new != tok.pad_token_id).sum()))
-        print(f"[reference member {m}] {per_member[-1]:.2f} s, {tokens[-1]} tokens", flush=True)
-    population = cfg.es.population
-    record = {
-        "what": "full-weight HF generate loop, perturb in place from a seed / generate / restore (ES paper structure)",
-        "model_load_s": load_s, "members_run": args.members, "population": population,
-        "prompts": len(prompts), "max_new_tokens": cfg.task.max_new_tokens,
-        "seconds_per_member": per_member, "tokens_per_member": tokens,
-        "generation_s_extrapolated": median(per_member) * population,
-        "tokens_per_s": sum(tokens) / sum(per_member),
-    }
-    print(f"[reference] median {median(per_member):.2f} s/member -> {record['generation_s_extrapolated']:.1f} s per generation of {population}")
+    record = reference_generation(args.model, prompts, cfg.task.max_new_tokens, args.members, args.sigma, cfg.es.population)
+    print(f"[reference] median {median(record['seconds_per_member']):.2f} s/member -> "
+          f"{record['generation_s_extrapolated']:.1f} s per generation of {record['population']}")
     write_json(out_path("bench_reference.json"), record)
     return 0
 

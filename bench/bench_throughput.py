@@ -241,42 +241,7 @@ def fullweight_peer(cfg: Any, model_path: str, prompts: list[str], sigma: float,
         return out
     finally:
         engine.shutdown()
-        del engine
         gc.collect()
-
-
-def hf_reference(cfg: Any, model_path: str, prompts: list[str], members: int, sigma: float) -> dict[str, Any]:
-    """bench_reference.py's loop (perturb every weight in place, HF generate, restore), extrapolated."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from bench.bench_reference import perturb
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda().eval()
-    try:
-        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
-        kwargs = dict(max_new_tokens=cfg.task.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
-        seconds, tokens = [], 0
-        for m in range(members):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            perturb(model, seed=m, scale=sigma)
-            out = model.generate(**batch, **kwargs)
-            perturb(model, seed=m, scale=-sigma)
-            torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - t0)
-            tokens += int((out[:, batch["input_ids"].shape[1]:] != tok.pad_token_id).sum())
-        return {"members_run": members, "seconds_per_member": seconds,
-                "wall_s": median(seconds) * cfg.es.population, "tokens_run": tokens}
-    finally:
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 def measure_model(name: str, model_path: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -303,8 +268,11 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace) -> dict[
         record["fullweight_peer"] = fullweight_peer(cfg, model_path, prompts, cfg.es.sigma, args.repeats)
         record["p2_vs_fullweight_peer"] = record["fullweight_peer"]["wall_s"] / record["eslora"]["wall_s"]
     if args.reference_members:
-        record["hf_reference"] = hf_reference(cfg, model_path, prompts, args.reference_members, cfg.es.sigma)
-        record["p2_vs_hf_reference"] = record["hf_reference"]["wall_s"] / record["eslora"]["wall_s"]
+        from bench.bench_reference import reference_generation
+
+        record["hf_reference"] = reference_generation(model_path, prompts, cfg.task.max_new_tokens, args.reference_members,
+                                                      cfg.es.sigma, population)
+        record["p2_vs_hf_reference"] = record["hf_reference"]["generation_s_extrapolated"] / record["eslora"]["wall_s"]
     return record
 
 
