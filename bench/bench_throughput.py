@@ -263,6 +263,7 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace) -> dict[
     shapes = record["plain"]["shapes"]
     record.update(ratios(record["eslora"], shapes, "eslora_shape"))
     record["wide"] = ratios(record["eslora_wide"], shapes, "one_call")
+    record["p1_wide_vs_best_plain"] = record["wide"]["p1_vs_best_plain"]
     record["handoff_exposed_share"] = record["eslora"]["handoff_exposed_share"]
     if args.peer:
         record["fullweight_peer"] = fullweight_peer(cfg, model_path, prompts, cfg.es.sigma, args.repeats)
