@@ -264,3 +264,16 @@ def test_a_failed_self_check_stops_the_server_and_the_next_start_checks_again(st
         with pytest.raises(BackendError, match="loads refused"):
             backend.start()
         assert backend.server is None
+
+
+def test_a_request_past_the_default_graph_limit_is_warned_about_once(stand_in, capsys):
+    backend = stand_in()  # max_loras_per_batch=2, cuda_graph_max_bs unset
+    backend.start()
+    sampling = Sampling(max_new_tokens=4)
+    members = [backend.random_adapter(f"w{i}", seed=60 + i, scale=0.1) for i in range(2)]
+    backend.generate(PROMPTS * 64, members, sampling)  # 2 x 128 = 256 requests: inside the graphs
+    assert "cuda_graph_max_bs" not in capsys.readouterr().err
+    backend.generate(PROMPTS * 65, members, sampling)  # 260 requests per /generate
+    backend.generate(PROMPTS * 65, members, sampling)
+    err = capsys.readouterr().err
+    assert err.count("backend.sglang.cuda_graph_max_bs=260") == 1
