@@ -100,8 +100,10 @@ def _loop(cfg: Config, es: EvolutionStrategy, pool: "ActorPool", logger: Metrics
     initial_eval: dict[str, float] = {}
     if cfg.run.eval_every and es.generation == 0:
         # The initial mean has B = 0: this is the base model's held-out score, same problems.
+        t0 = time.perf_counter()
         base = _held_out(pool, es, cfg)
         initial_eval = {f"eval_initial_{k}": v for k, v in base.items()}
+        initial_eval["held_out_initial_seconds"] = time.perf_counter() - t0
         print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()), flush=True)
     deadline = time.monotonic() + 60 * cfg.run.time_limit_min if cfg.run.time_limit_min > 0 else float("inf")
     while es.generation < cfg.run.generations:
@@ -124,16 +126,17 @@ def _loop(cfg: Config, es: EvolutionStrategy, pool: "ActorPool", logger: Metrics
         last = generation + 1 >= cfg.run.generations or time.monotonic() >= deadline
         scored = bool(cfg.run.eval_every) and ((generation + 1) % cfg.run.eval_every == 0 or last)
         if scored:
-            record.update({f"eval_{k}": v for k, v in _held_out(pool, es, cfg).items()})
+            _score_into(record, pool, es, cfg)
         try:
             stop = any([bool(callback(record)) for callback in callbacks])  # every callback sees every record
         except BaseException:
             logger.log(record)  # the generation is done: keep its line, then fail
             raise
         if stop and cfg.run.eval_every and not scored:  # a stop makes this the last generation
-            record.update({f"eval_{k}": v for k, v in _held_out(pool, es, cfg).items()})
+            _score_into(record, pool, es, cfg)
         # Actors lost anywhere in this generation: evaluation, update replay or eval.
         record["actor_failures_all"] = pool.failures - failures_before
+        record["time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # when the generation was done
         logger.log(record)
         checkpoints.save(es, cfg)
         if stop:
@@ -181,6 +184,14 @@ def generation_record(cfg: Config, generation: int, result: "GenerationResult", 
 def _held_out(pool: "ActorPool", es: EvolutionStrategy, cfg: Config) -> dict[str, float]:
     """Greedy held-out scores of the current mean adapter."""
     return pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens).parts
+
+
+def _score_into(record: dict[str, Any], pool: "ActorPool", es: EvolutionStrategy, cfg: Config) -> None:
+    """The mean adapter's held-out scores as eval_*, and what scoring them took (not an eval_* key:
+    those are the scores)."""
+    t0 = time.perf_counter()
+    record.update({f"eval_{k}": v for k, v in _held_out(pool, es, cfg).items()})
+    record["held_out_seconds"] = time.perf_counter() - t0
 
 
 def _save_after_failure(checkpoints: Checkpoints, logger: MetricsLogger, es: EvolutionStrategy, cfg: Config) -> None:

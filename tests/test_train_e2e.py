@@ -1,6 +1,7 @@
 """The whole ES loop on a real local Ray cluster with the in-process HF backend (tiny model)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -96,6 +97,10 @@ def test_time_limit_stops_and_held_out_scores_bracket_the_run(tmp_path, tiny_mod
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in records] == [0]
     assert {"eval_initial_reward", "eval_reward"} <= records[0].keys()
+    # what the held-out scoring took and when the generation ended: a long run's log can be timed
+    assert records[0]["held_out_initial_seconds"] > 0 and records[0]["held_out_seconds"] > 0
+    assert time.strptime(records[0]["time_utc"], "%Y-%m-%dT%H:%M:%SZ")
+    assert not any(k.startswith("eval_") and "seconds" in k for k in records[0])  # eval_* are scores only
     assert load_checkpoint(run)["generation"] == 1
     assert (run / "adapter" / "adapter_config.json").is_file()
 
