@@ -56,9 +56,12 @@ def plain_command(cfg, model_path: str, port: int) -> list[str]:
     return out
 
 
-def post_generate(url: str, texts: list[str], max_new_tokens: int) -> tuple[float, int]:
+def post_generate(url: str, texts: list[str], max_new_tokens: int, forced: bool = False) -> tuple[float, int]:
+    """One greedy /generate of `texts`: (seconds, generated tokens); `forced` ignores EOS (every
+    completion runs to `max_new_tokens`)."""
     t0 = time.perf_counter()
-    resp = requests.post(url + "/generate", json={"text": texts, "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens}}, timeout=1200)
+    params = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": forced}
+    resp = requests.post(url + "/generate", json={"text": texts, "sampling_params": params}, timeout=1200)
     resp.raise_for_status()
     seconds = time.perf_counter() - t0
     return seconds, sum(int(r["meta_info"]["completion_tokens"]) for r in resp.json())

@@ -43,8 +43,6 @@ from typing import Any, Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import requests  # noqa: E402
-
 from bench.common import ROOT, device_name, generation_inputs, median, out_path, versions  # noqa: E402
 
 ESLORA_FIELDS = ("wall_s", "tokens", "tokens_per_s", "handoff_share", "exposed_handoff_s", "write_s", "load_s", "unload_s")
@@ -104,39 +102,36 @@ def eslora_runs(cfg: Any, model_path: str, prompts: list[str], members: list, re
         backend.stop()
 
 
-def post(url: str, texts: list[str], max_new_tokens: int, forced: bool) -> int:
-    params = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": forced}
-    resp = requests.post(url + "/generate", json={"text": texts, "sampling_params": params}, timeout=1800)
-    resp.raise_for_status()
-    return sum(int(r["meta_info"]["completion_tokens"]) for r in resp.json())
-
-
 def plain_shapes(url: str, prompts: list[str], population: int, per_call: int, max_new_tokens: int,
                  repeats: int) -> dict[str, dict[str, Any]]:
     """The generation's base-model requests in three shapes, natural and forced stops."""
+    from bench.bench_sglang import post_generate
+
     calls = [prompts * min(per_call, population - start) for start in range(0, population, per_call)]
 
-    def one_call(forced: bool) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        tokens = post(url, [t for call in calls for t in call], max_new_tokens, forced)
-        return {"wall_s": time.perf_counter() - t0, "tokens": tokens}
+    def tokens(texts: list[str], forced: bool) -> int:
+        return post_generate(url, texts, max_new_tokens, forced)[1]
 
-    def sequential(forced: bool) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        tokens = sum(post(url, call, max_new_tokens, forced) for call in calls)
-        return {"wall_s": time.perf_counter() - t0, "tokens": tokens}
-
-    def concurrent(forced: bool) -> dict[str, Any]:
-        t0 = time.perf_counter()
+    def in_flight(forced: bool) -> int:
         with ThreadPoolExecutor(len(calls)) as pool:
-            tokens = sum(pool.map(lambda call: post(url, call, max_new_tokens, forced), calls))
-        return {"wall_s": time.perf_counter() - t0, "tokens": tokens}
+            return sum(pool.map(lambda call: tokens(call, forced), calls))
+
+    shapes: dict[str, Callable[[bool], int]] = {
+        "one_call": lambda forced: tokens([t for call in calls for t in call], forced),
+        "eslora_shape": lambda forced: sum(tokens(call, forced) for call in calls),  # one after another
+        "concurrent_calls": in_flight,
+    }
+
+    def timed(shape: Callable[[bool], int], forced: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        generated = shape(forced)
+        return {"wall_s": time.perf_counter() - t0, "tokens": generated}
 
     out = {}
-    for name, fn in (("one_call", one_call), ("eslora_shape", sequential), ("concurrent_calls", concurrent)):
+    for name, shape in shapes.items():
         for forced in (False, True):
             key = name + ("_forced" if forced else "")
-            out[key] = summarize(timed_runs(lambda: fn(forced), repeats, f"plain {key}"))
+            out[key] = summarize(timed_runs(lambda: timed(shape, forced), repeats, f"plain {key}"))
     return out
 
 
