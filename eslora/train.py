@@ -100,10 +100,7 @@ def _loop(cfg: Config, es: EvolutionStrategy, pool: "ActorPool", logger: Metrics
     initial_eval: dict[str, float] = {}
     if cfg.run.eval_every and es.generation == 0:
         # The initial mean has B = 0: this is the base model's held-out score, same problems.
-        t0 = time.perf_counter()
-        base = _held_out(pool, es, cfg)
-        initial_eval = {f"eval_initial_{k}": v for k, v in base.items()}
-        initial_eval["held_out_initial_seconds"] = time.perf_counter() - t0
+        base = _score_into(initial_eval, pool, es, cfg, initial=True)
         print("held-out before training: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()), flush=True)
     deadline = time.monotonic() + 60 * cfg.run.time_limit_min if cfg.run.time_limit_min > 0 else float("inf")
     while es.generation < cfg.run.generations:
@@ -181,17 +178,17 @@ def generation_record(cfg: Config, generation: int, result: "GenerationResult", 
     return record
 
 
-def _held_out(pool: "ActorPool", es: EvolutionStrategy, cfg: Config) -> dict[str, float]:
-    """Greedy held-out scores of the current mean adapter."""
-    return pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens).parts
-
-
-def _score_into(record: dict[str, Any], pool: "ActorPool", es: EvolutionStrategy, cfg: Config) -> None:
-    """The mean adapter's held-out scores as eval_*, and what scoring them took (not an eval_* key:
-    those are the scores)."""
+def _score_into(record: dict[str, Any], pool: "ActorPool", es: EvolutionStrategy, cfg: Config,
+                initial: bool = False) -> dict[str, float]:
+    """The mean adapter's greedy held-out scores into `record` as eval_* (eval_initial_*: the base model,
+    before training), and what scoring them took (not an eval_* key: those are the scores).
+    Returns the scores."""
     t0 = time.perf_counter()
-    record.update({f"eval_{k}": v for k, v in _held_out(pool, es, cfg).items()})
-    record["held_out_seconds"] = time.perf_counter() - t0
+    scores = pool.score_adapter(es.mean, "eval", cfg.task.eval_prompts, cfg.task.eval_max_new_tokens).parts
+    prefix = "eval_initial_" if initial else "eval_"
+    record.update({f"{prefix}{k}": v for k, v in scores.items()})
+    record["held_out_initial_seconds" if initial else "held_out_seconds"] = time.perf_counter() - t0
+    return scores
 
 
 def _save_after_failure(checkpoints: Checkpoints, logger: MetricsLogger, es: EvolutionStrategy, cfg: Config) -> None:
