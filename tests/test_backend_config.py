@@ -26,3 +26,9 @@ def test_the_shipped_backend_settings_load():
     for path in ("configs/demo.yaml", "configs/countdown_sglang.yaml"):
         load_config(path)
     load_config(None, ["backend.name=vllm", "backend.sglang.mem_fraction_static=0.8"])
+
+
+def test_a_graph_limit_with_graphs_turned_off_fails_at_load_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"backend\.sglang\.cuda_graph_max_bs .*backend\.sglang\.disable_cuda_graph=true"):
+        load_config(None, ["backend.sglang.cuda_graph_max_bs=512", "backend.sglang.disable_cuda_graph=true"])
+    assert load_config(None, ["backend.sglang.cuda_graph_max_bs=512"]).backend.sglang.cuda_graph_max_bs == 512
