@@ -38,13 +38,15 @@ class ExportError(EsloraError, RuntimeError):
 # --------------------------------------------------------------------------- the adapter folder
 
 def finish_adapter(adapter_dir: Path, model_path: str, base_model: str, card: Mapping[str, Any],
-                   revision: str = "") -> None:
+                   revision: str = "", with_tokenizer: bool = True) -> None:
     """Make a saved PEFT adapter folder shippable, in place.
 
     - adapter_config.json's `base_model_name_or_path` becomes `base_model` (as the user named it:
       hub id, path or eslora registry name; not the resolved cache path `model_path`), and its
       `revision` the hub revision given (model.revision);
-    - the tokenizer files of `model_path` are saved beside the weights;
+    - the tokenizer files of `model_path` are saved beside the weights (unless `with_tokenizer` is
+      false: an adapter committed to a repository, where an 11 MB tokenizer.json per adapter is
+      weight the base already carries; the card then loads the tokenizer from the base);
     - README.md: a Hugging Face model card (YAML metadata + how to load it).
 
     `card` keys (all optional): `task` (name), `task_settings`, `es` (ES settings), `lora`,
@@ -54,9 +56,10 @@ def finish_adapter(adapter_dir: Path, model_path: str, base_model: str, card: Ma
     adapter_dir = Path(adapter_dir)
     load_adapter(adapter_dir)  # refuses a folder that is not a safe, complete PEFT adapter
     set_base_model(adapter_dir, base_model, revision)
-    save_tokenizer(model_path, adapter_dir)
+    if with_tokenizer:
+        save_tokenizer(model_path, adapter_dir)
     card = {**({"revision": revision} if revision else {}), **card}
-    write_atomic(adapter_dir / README, render_card(base_model, card).encode())
+    write_atomic(adapter_dir / README, render_card(base_model, card, tokenizer_here=with_tokenizer).encode())
     write_atomic(adapter_dir / CARD_JSON, (json.dumps(card, indent=2, default=str) + "\n").encode())
 
 
@@ -96,8 +99,9 @@ def save_tokenizer(model_path: str, folder: Path) -> None:
             shutil.copyfile(base / path.name, path)
 
 
-def render_card(base_model: str, card: Mapping[str, Any], merged: bool = False) -> str:
-    """A Hugging Face model card: YAML metadata (base_model, library_name, tags) + the run."""
+def render_card(base_model: str, card: Mapping[str, Any], merged: bool = False, tokenizer_here: bool = True) -> str:
+    """A Hugging Face model card: YAML metadata (base_model, library_name, tags) + the run.
+    `tokenizer_here`: the adapter folder holds the base's tokenizer (else the card loads it from the base)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     hub_base = _hub_id(base_model)
@@ -123,7 +127,7 @@ def render_card(base_model: str, card: Mapping[str, Any], merged: bool = False) 
         *_settings_lines(card),
         "## How to use",
         "",
-        *(_merged_usage(base_model) if merged else _adapter_usage(base_model, card.get("revision", ""))),
+        *(_merged_usage(base_model) if merged else _adapter_usage(base_model, card.get("revision", ""), tokenizer_here)),
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
@@ -199,13 +203,14 @@ def _get_base_lines(base_model: str) -> list[str]:
             "copy it along and use its path as `BASE` below.", ""]
 
 
-def _adapter_usage(base_model: str, revision: str) -> list[str]:
+def _adapter_usage(base_model: str, revision: str, tokenizer_here: bool) -> list[str]:
     base = f'"{base_model}"' if _hub_id(base_model) else '"BASE"  # the base model folder'
     at = f', revision="{revision}"' if revision else ""
     return _get_base_lines(base_model) + [
         "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f"base = {base}", 'adapter = "PATH_OR_REPO_OF_THIS_ADAPTER"',
-        "tokenizer = AutoTokenizer.from_pretrained(adapter)  # the base's tokenizer, saved here",
+        ("tokenizer = AutoTokenizer.from_pretrained(adapter)  # the base's tokenizer, saved here" if tokenizer_here
+         else f"tokenizer = AutoTokenizer.from_pretrained(base{at})  # the base's tokenizer (not saved here)"),
         f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base{at}), adapter)",
         "model = model.merge_and_unload()  # optional: a plain transformers model", "```", "",
         "Or merge it into a full model folder that transformers, vLLM and SGLang load:", "",

@@ -142,6 +142,24 @@ def test_finish_adapter_writes_the_base_as_named(tmp_path, tiny_model_path, base
     assert load_adapter(adapter_dir).spec.r == 2  # still a loadable adapter
 
 
+def test_finish_adapter_without_tokenizer_says_to_load_it_from_the_base(tmp_path, tiny_model_path):
+    """with_tokenizer=False (an adapter committed to a repository): no tokenizer files beside the
+    weights, and the card's usage loads the tokenizer from the base, which PEFT then runs with."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = make_run(tmp_path / "run", tiny_model_path) / "adapter"
+    finish_adapter(adapter_dir, str(tiny_model_path), str(tiny_model_path), CARD, with_tokenizer=False)
+
+    assert not any(p.name.startswith("tokenizer") for p in adapter_dir.iterdir())
+    card = (adapter_dir / "README.md").read_text()
+    assert "tokenizer = AutoTokenizer.from_pretrained(base)  # the base's tokenizer (not saved here)" in card
+    assert "from_pretrained(adapter)" not in card
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)  # what the card says, with BASE = the base folder
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), str(adapter_dir))
+    assert model(**tokenizer("a b c", return_tensors="pt")).logits.shape[-1] == model.config.vocab_size
+
+
 def test_real_run_on_a_hub_id_exports_naming_that_id(tmp_path, tiny_model_path, monkeypatch, capsys):
     """A real short train() run on local Ray with model.name_or_path=acme/tiny-qwen at
     model.revision=v1, resolved from a hub-style local cache offline: the run trains on that
