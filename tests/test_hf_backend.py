@@ -51,6 +51,22 @@ def test_zero_adapter_equals_base(setup):
     assert [c.text for c in got[0]] == [c.text for c in got[1]]
 
 
+def test_read_only_adapter_tensors_load_without_warning_and_as_written(setup):
+    """Tensors that come out of Ray's object store are read-only numpy views: the backend copies
+    them (no torch warning about non-writable arrays) and serves the same adapter as writable ones."""
+    import warnings
+
+    cfg, spec, shapes, backend = setup
+    adapter = random_adapter(shapes, spec, 11)
+    frozen = {k: v.copy() for k, v in adapter.tensors.items()}
+    for v in frozen.values():
+        v.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not writable.*")
+        got = backend.generate(PROMPTS, [Adapter("frozen", spec, frozen), adapter], Sampling(max_new_tokens=6))
+    assert [c.text for c in got[0]] == [c.text for c in got[1]]
+
+
 def test_saved_adapter_roundtrip(setup, tmp_path):
     cfg, spec, shapes, backend = setup
     adapter = random_adapter(shapes, spec, 7)

@@ -95,7 +95,8 @@ class HFBackend(Backend):
             if adapter is None:
                 names.append("__base__")  # PEFT's name for "no adapter on this row"
                 continue
-            state = {k: torch.from_numpy(np.asarray(v)) for k, v in adapter.tensors.items()}
+            # a copy: the tensors may be read-only views (Ray's object store), which torch warns about
+            state = {k: torch.tensor(np.asarray(v)) for k, v in adapter.tensors.items()}
             result = set_peft_model_state_dict(model, state, adapter_name=slot)
             if getattr(result, "unexpected_keys", None):
                 raise BackendError(f"adapter {adapter.name}: tensors the model does not have: {result.unexpected_keys[:3]}")
