@@ -7,8 +7,11 @@ and the exposed adapter hand-off, for one or more models; writes `$OUT/throughpu
 
 Per model, each server started once and stopped before the next (one GPU):
 1. eslora, the default (`configs/countdown_sglang.yaml`: population 32 x 32 Countdown prompts,
-   256 new tokens, greedy, 8 adapters per batch): whole generations through the backend, as an
-   actor calls it (median of `--repeats` after a warm-up), with the exposed hand-off share.
+   256 new tokens, greedy, 8 adapters per batch): whole generations through the backend, fed as
+   the training run feeds an actor (calls of one batch, `cluster.calls_in_flight` = 2 at once, so
+   the next call's members are admitted as slots free), and, on the same server, as one call
+   whose batches run one after another (the shape of issue 14's first measurement); median of
+   `--repeats` after a warm-up, with the exposed hand-off share (time the server generated nothing).
 2. eslora "wide": every member of the generation loaded at once (`backend.max_loras_per_batch` =
    population, decode CUDA graphs covering all its requests): the faster mode the issue allows
    behind a config key. A member's slot is held until its longest completion stops, so with 8
@@ -16,9 +19,9 @@ Per model, each server started once and stopped before the next (one GPU):
    loaded, one round.
 3. Plain SGLang (no LoRA), tuned (`--cuda-graph-max-bs` and `--max-running-requests` = all the
    generation's requests), the same base-model requests in three shapes: one call holding all,
-   eslora's shape (population / 8 calls of 8 x prompts, one after another), and those calls all in
-   flight at once; each with natural stops and forced to the token limit (`ignore_eos`). Best plain
-   = the fastest natural-stop shape.
+   eslora's shape (calls of 8 members' prompts, 2 in flight, as the actor is fed), and those calls
+   one after another; each with natural stops and forced to the token limit (`ignore_eos`). Best
+   plain = the fastest natural-stop shape.
 4. Full-weight peer: an in-process `sglang.Engine` of the same model; per member, every weight +
    sigma * N(0, 1) from the member's seed, the prompts generated, the weights restored; the whole
    population, same prompts and tokens. Two ways, the faster one is the peer: in place in the
@@ -37,6 +40,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -44,8 +48,6 @@ from typing import Any, Callable, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, device_name, generation_inputs, median, out_path, versions  # noqa: E402
-
-ESLORA_FIELDS = ("wall_s", "tokens", "tokens_per_s", "handoff_share", "exposed_handoff_s", "write_s", "load_s", "unload_s")
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -76,35 +78,73 @@ def timed_runs(fn: Callable[[], dict[str, Any]], repeats: int, label: str) -> li
     return runs
 
 
-def eslora_runs(cfg: Any, model_path: str, prompts: list[str], members: list, repeats: int, label: str) -> dict[str, Any]:
-    """Whole generations through eslora's SGLang backend (as an actor calls it)."""
+def members_per_call(cfg: Any, population: int) -> int:
+    """Members in one call to the one actor, as ActorPool.calls cuts them: cluster.batches_per_call
+    batches of max_loras_per_batch (0 = one equal share per actor: with one actor, all)."""
+    batches = cfg.cluster.batches_per_call
+    return batches * cfg.backend.max_loras_per_batch if batches else population
+
+
+def fed_generation(backend: Any, prompts: list[str], members: list, sampling: Any, per_call: int,
+                   in_flight: int) -> dict[str, Any]:
+    """One generation fed to `backend` as an actor is fed: calls of `per_call` members, `in_flight`
+    of them at once (the actor's max_concurrency = cluster.calls_in_flight; the queue hands the
+    next call to the first free slot). The exposed hand-off is the time the server generated
+    nothing (`idle_seconds`): the calls' own exposed seconds overlap when two calls wait at once,
+    so their sum (`calls_exposed_handoff_s`) can count a wait twice."""
+    calls = [members[i:i + per_call] for i in range(0, len(members), per_call)]
+    first = len(backend.history)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bench-call") as pool:
+        list(pool.map(lambda call: backend.generate(prompts, call, sampling), calls))
+    backend.drain()  # the last unload, so the records hold the whole hand-off
+    t1 = time.perf_counter()
+    wall, idle = t1 - t0, backend.idle_seconds(t0, t1)
+    records = backend.history[first:]
+    out = {k: sum(r[k] for r in records) for k in ("tokens", "write_s", "load_s", "unload_s")}
+    return {"wall_s": wall, **out, "tokens_per_s": out["tokens"] / wall, "exposed_handoff_s": idle,
+            "handoff_share": idle / wall, "calls_exposed_handoff_s": sum(r["exposed_handoff_s"] for r in records),
+            "calls": len(calls), "per_call": per_call, "in_flight": in_flight}
+
+
+def eslora_runs(cfg: Any, model_path: str, prompts: list[str], members: list, repeats: int, label: str,
+                one_call: bool = True) -> dict[str, Any]:
+    """Whole generations through eslora's SGLang backend, on one server, fed two ways:
+    - as the training run feeds one actor (the summary itself): calls of cluster.batches_per_call
+      batches of max_loras_per_batch members, cluster.calls_in_flight at once, so the server holds
+      the next call's requests and admits them as a member's slot frees (continuous feeding);
+    - `one_call`: all members in one generate() call, its batches one after another (the shape
+      issue 14's first measurement used: 6.09 s on the 0.5B), unless `one_call` is false."""
     from eslora.backends import make_backend
     from eslora.backends.base import Sampling
     from eslora.lora import LoraSpec
 
     sampling = Sampling(max_new_tokens=cfg.task.max_new_tokens, temperature=cfg.task.temperature)
     backend = make_backend(cfg.backend, model_path, LoraSpec.from_config(cfg.lora), cfg.model.dtype)
+    slots = cfg.backend.max_loras_per_batch
+    per_call = members_per_call(cfg, len(members))
     try:
         backend.start()
-
-        def one() -> dict[str, Any]:
-            backend.generate(prompts, members, sampling)
-            backend.drain()  # the last unload, so each record holds its whole hand-off
-            return {k: backend.history[-1][k] for k in ESLORA_FIELDS}
-
-        out = summarize(timed_runs(one, repeats, label))
+        out = summarize(timed_runs(lambda: fed_generation(backend, prompts, members, sampling, per_call, cfg.cluster.calls_in_flight),
+                                   repeats, label))
+        if one_call:
+            out["one_call"] = summarize(timed_runs(lambda: fed_generation(backend, prompts, members, sampling, len(members), 1),
+                                                   repeats, f"{label} one call"))
         out["server_start_s"] = backend.start_seconds[0]
         out["handoff_exposed_share"] = median([r["handoff_share"] for r in out["runs"][1:] or out["runs"]])
-        out["max_loras_per_batch"] = cfg.backend.max_loras_per_batch
+        out["max_loras_per_batch"] = slots
         out["cuda_graph_max_bs"] = cfg.backend.sglang.cuda_graph_max_bs
+        out["calls_in_flight"] = cfg.cluster.calls_in_flight
         return out
     finally:
         backend.stop()
 
 
 def plain_shapes(url: str, prompts: list[str], population: int, per_call: int, max_new_tokens: int,
-                 repeats: int) -> dict[str, dict[str, Any]]:
-    """The generation's base-model requests in three shapes, natural and forced stops."""
+                 repeats: int, in_flight: int = 2) -> dict[str, dict[str, Any]]:
+    """The generation's base-model requests in three shapes, natural and forced stops: one call
+    holding all; eslora's shape (calls of `per_call` members' prompts, `in_flight` at once, as the
+    actor is fed); the same calls one after another."""
     from bench.bench_sglang import post_generate
 
     calls = [prompts * min(per_call, population - start) for start in range(0, population, per_call)]
@@ -112,14 +152,14 @@ def plain_shapes(url: str, prompts: list[str], population: int, per_call: int, m
     def tokens(texts: list[str], forced: bool) -> int:
         return post_generate(url, texts, max_new_tokens, forced)[1]
 
-    def in_flight(forced: bool) -> int:
-        with ThreadPoolExecutor(len(calls)) as pool:
+    def fed(forced: bool) -> int:
+        with ThreadPoolExecutor(in_flight) as pool:
             return sum(pool.map(lambda call: tokens(call, forced), calls))
 
     shapes: dict[str, Callable[[bool], int]] = {
         "one_call": lambda forced: tokens([t for call in calls for t in call], forced),
-        "eslora_shape": lambda forced: sum(tokens(call, forced) for call in calls),  # one after another
-        "concurrent_calls": in_flight,
+        "eslora_shape": fed,
+        "sequential_calls": lambda forced: sum(tokens(call, forced) for call in calls),
     }
 
     def timed(shape: Callable[[bool], int], forced: bool) -> dict[str, Any]:
@@ -141,14 +181,16 @@ def plain_runs(cfg: Any, model_path: str, prompts: list[str], repeats: int) -> d
     from bench.bench_sglang import plain_command
     from eslora.backends.server import ServerProcess, free_port
 
-    population, per_call = cfg.es.population, cfg.backend.max_loras_per_batch
+    population = cfg.es.population
+    per_call = members_per_call(cfg, population)
     requests_all = population * len(prompts)
     port = free_port()
     cmd = plain_command(cfg, model_path, port) + ["--cuda-graph-max-bs", str(requests_all), "--max-running-requests", str(requests_all)]
     server = ServerProcess(cmd, port=port, name="sglang-plain")
     try:
         start_s = server.start(timeout_s=cfg.backend.sglang.start_timeout_s)
-        shapes = plain_shapes(server.url, prompts, population, per_call, cfg.task.max_new_tokens, repeats)
+        shapes = plain_shapes(server.url, prompts, population, per_call, cfg.task.max_new_tokens, repeats,
+                              cfg.cluster.calls_in_flight)
     finally:
         server.stop()
     return {"server_start_s": start_s, "command_flags": cmd[3:], "shapes": shapes}
@@ -239,7 +281,24 @@ def fullweight_peer(cfg: Any, model_path: str, prompts: list[str], sigma: float,
         gc.collect()
 
 
-def measure_model(name: str, model_path: str, args: argparse.Namespace) -> dict[str, Any]:
+def measured_part(record: dict[str, Any], key: str, fn: Callable[[], Any], save: Callable[[], None]) -> Any:
+    """record[key] = fn(), or {"error": ...} if it raised: one part failing on the GPU (a server
+    that does not start, an engine API that differs) must not cost the parts already measured or
+    the ones after it, in a lease that cannot be repeated cheaply. Saves the record after each part."""
+    try:
+        record[key] = fn()
+    except Exception as err:  # noqa: BLE001 - any failure of a part is recorded, then the next runs
+        record[key] = {"error": f"{type(err).__name__}: {err}"[:2000],
+                       "traceback": traceback.format_exc(limit=8)[-4000:]}
+        print(f"[throughput] part {key!r} failed: {record[key]['error']}", flush=True)
+    save()
+    return None if "error" in record[key] else record[key]
+
+
+def measure_model(name: str, model_path: str, args: argparse.Namespace,
+                  save: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
+    """One model's object of throughput.json; `save(record)` is called after every part with the
+    record so far. A ratio whose parts did not both run is None (its part holds the error)."""
     from eslora.config import load_config
 
     overrides = [f"model.name_or_path={model_path}", *args.overrides]
@@ -249,26 +308,40 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace) -> dict[
     record: dict[str, Any] = {"model": name, "model_path": model_path, "device": device_name(),
                               "population": population, "prompts": len(prompts), "max_new_tokens": cfg.task.max_new_tokens,
                               "greedy": cfg.task.temperature == 0.0}
-    record["eslora"] = eslora_runs(cfg, model_path, prompts, members, args.repeats, "eslora")
+    keys = ("p1_vs_best_plain", "p1_vs_same_shape", "p1_wide_vs_best_plain", "p2_vs_fullweight_peer",
+            "p2_vs_hf_reference", "handoff_exposed_share")
+    record.update(dict.fromkeys(keys))  # every key the issue asks for is present, measured or None
+
+    def part(key: str, fn: Callable[[], Any]) -> Any:
+        return measured_part(record, key, fn, lambda: save(record))
+
+    eslora = part("eslora", lambda: eslora_runs(cfg, model_path, prompts, members, args.repeats, "eslora"))
     wide_bs = population * len(prompts)
-    wide = load_config(args.config, [*overrides, f"backend.max_loras_per_batch={population}",
-                                     f"backend.sglang.cuda_graph_max_bs={wide_bs}"])
-    record["eslora_wide"] = eslora_runs(wide, model_path, prompts, members, args.repeats, "eslora wide")
-    record["plain"] = plain_runs(cfg, model_path, prompts, args.repeats)
-    shapes = record["plain"]["shapes"]
-    record.update(ratios(record["eslora"], shapes, "eslora_shape"))
-    record["wide"] = ratios(record["eslora_wide"], shapes, "one_call")
-    record["p1_wide_vs_best_plain"] = record["wide"]["p1_vs_best_plain"]
-    record["handoff_exposed_share"] = record["eslora"]["handoff_exposed_share"]
+    wide_cfg = load_config(args.config, [*overrides, f"backend.max_loras_per_batch={population}",
+                                         f"backend.sglang.cuda_graph_max_bs={wide_bs}"])
+    wide = part("eslora_wide", lambda: eslora_runs(wide_cfg, model_path, prompts, members, args.repeats, "eslora wide",
+                                                   one_call=False))  # all members in one call already
+    plain = part("plain", lambda: plain_runs(cfg, model_path, prompts, args.repeats))
+    if eslora:
+        record["handoff_exposed_share"] = eslora["handoff_exposed_share"]
+    if plain and eslora:
+        record.update(ratios(eslora, plain["shapes"], "eslora_shape"))
+        record["eslora_one_call"] = ratios(eslora["one_call"], plain["shapes"], "sequential_calls")
+    if plain and wide:
+        record["wide"] = ratios(wide, plain["shapes"], "one_call")
+        record["p1_wide_vs_best_plain"] = record["wide"]["p1_vs_best_plain"]
     if args.peer:
-        record["fullweight_peer"] = fullweight_peer(cfg, model_path, prompts, cfg.es.sigma, args.repeats)
-        record["p2_vs_fullweight_peer"] = record["fullweight_peer"]["wall_s"] / record["eslora"]["wall_s"]
+        peer = part("fullweight_peer", lambda: fullweight_peer(cfg, model_path, prompts, cfg.es.sigma, args.peer_repeats))
+        if peer and eslora:
+            record["p2_vs_fullweight_peer"] = peer["wall_s"] / eslora["wall_s"]
     if args.reference_members:
         from bench.bench_reference import reference_generation
 
-        record["hf_reference"] = reference_generation(model_path, prompts, cfg.task.max_new_tokens, args.reference_members,
-                                                      cfg.es.sigma, population)
-        record["p2_vs_hf_reference"] = record["hf_reference"]["generation_s_extrapolated"] / record["eslora"]["wall_s"]
+        reference = part("hf_reference", lambda: reference_generation(
+            model_path, prompts, cfg.task.max_new_tokens, args.reference_members, cfg.es.sigma, population))
+        if reference and eslora:
+            record["p2_vs_hf_reference"] = reference["generation_s_extrapolated"] / eslora["wall_s"]
+    save(record)
     return record
 
 
@@ -278,6 +351,9 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "countdown_sglang.yaml"))
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up, per measurement")
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip the full-weight engine peer")
+    ap.add_argument("--peer-repeats", type=int, default=1,
+                    help="the peer's timed generations after its warm-up, per way (each is 32 sequential "
+                         "member generations: minutes on a 1.5B, so fewer than --repeats)")
     ap.add_argument("--reference-members", type=int, default=2, help="HF reference members run (0 = skip)")
     ap.add_argument("overrides", nargs="*", help="config key=value for every model")
     args = ap.parse_args()
@@ -285,16 +361,20 @@ def main() -> int:
     if any(len(m) != 2 for m in models):
         ap.error("--model takes NAME=PATH")
     command = "python3 bench/bench_throughput.py " + " ".join(sys.argv[1:])
-    results = []
-    for name, path in models:
-        record = measure_model(name, path, args)
+    done: list[dict[str, Any]] = []
+    target = out_path("throughput.json")
+
+    def save(record: dict[str, Any]) -> None:
+        # after every part of every model, so a lease lost mid-run keeps what was measured
         record.update({"command": command, "versions": versions(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        results.append(record)
-        target = out_path("throughput.json")
-        if target:  # written after each model, so a lease lost mid-run keeps what was measured
-            Path(target).write_text(json.dumps(results, indent=1, default=str))
+        if target:
+            Path(target).write_text(json.dumps([*done, record], indent=1, default=str))
+
+    for name, path in models:
+        record = measure_model(name, path, args, save)
+        done.append(record)
         print(json.dumps({k: v for k, v in record.items() if not isinstance(v, dict)}, indent=1, default=str), flush=True)
-    return 0
+    return 0 if all(record.get("p1_vs_best_plain") is not None for record in done) else 1
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@
 # `model05` converts the 0.5B next to the kit's /tmp/model (the 1.5B) with the kit's own
 # setup_on_gpu.sh (GGUF -> bf16 HF folder and its config fixes), then moves it to /tmp/model05.
 # `start` copies the tree to /tmp/proj and runs there under setsid (a carried path is replaced on
-# every call); throughput.json is rewritten after each model, so `wait` always hands back what was
-# measured.
+# every call); throughput.json is rewritten after every part of every model (a part that fails is
+# recorded with its error and the next one runs), so `wait` always hands back what was measured.
 set -uo pipefail
 source scripts/gpu_env.sh
 action=${1:?usage: gpu_throughput.sh model05 | start [args] | wait SECONDS}; shift

@@ -1,11 +1,13 @@
 """The CPU-checkable parts of issue 14's harness (bench/bench_throughput.py): which plain shape is
-"best", the ratios, the full-weight peer's perturbation and the weights it sends. The servers and
-the engine run on the GPU (scripts/gpu_throughput.sh)."""
+"best", the ratios, the full-weight peer's perturbation and the weights it sends, the eslora and
+plain parts end to end against the stand-in SGLang server, and a failing part's isolation. The
+real servers and the engine run on the GPU (scripts/gpu_throughput.sh)."""
 
 import pytest
 import torch
 
-from bench.bench_throughput import base_weights, perturbed, ratios, summarize
+from bench.bench_throughput import base_weights, fed_generation, perturbed, ratios, summarize
+from test_sglang_parts import PROMPTS, stand_in  # noqa: F401 - the fixture: eslora's SGLang backend on a stand-in server
 
 
 def shape(wall: float, tokens: int) -> dict:
@@ -76,3 +78,112 @@ def test_inplace_loader_perturbs_every_weight_from_the_seed_and_restores(tiny_mo
     assert all(torch.allclose(p, before[n], atol=1e-6) for n, p in model.named_parameters())
     loader(model, [("seed_scale", torch.tensor([7, 1e-2], dtype=torch.float64))])  # the same member again
     assert all(torch.allclose(p, moved[n], atol=1e-6) for n, p in model.named_parameters())
+
+
+def test_a_failing_part_is_recorded_and_the_others_still_measured(tiny_model_path, tmp_path, monkeypatch):
+    """The harness's control flow on CPU. The GPU parts (servers, engine, HF loop on CUDA) cannot
+    run here, so they are stand-ins with measured-looking numbers; the full-weight peer raises, as an
+    engine API mismatch would on the card. Its error is recorded, every other part and ratio is
+    still measured, and throughput.json on disk has it all."""
+    import json
+    import sys
+
+    import bench.bench_reference as bench_reference
+    import bench.bench_throughput as bt
+
+    monkeypatch.setattr(bt, "eslora_runs", lambda cfg, *a, **k: {**shape(6.0 if cfg.backend.max_loras_per_batch == 8 else 4.0, 50_000),
+                                                                  "one_call": shape(7.0, 50_000), "handoff_exposed_share": 0.02})
+    monkeypatch.setattr(bt, "plain_runs", lambda *a: {"shapes": {"one_call": shape(3.0, 60_000), "eslora_shape": shape(4.0, 60_000),
+                                                                 "sequential_calls": shape(5.0, 60_000),
+                                                                 "one_call_forced": shape(2.0, 80_000)}})
+
+    def peer(*a):
+        raise TypeError("update_weights_from_tensor() got an unexpected keyword argument 'load_format'")
+
+    monkeypatch.setattr(bt, "fullweight_peer", peer)
+    monkeypatch.setattr(bench_reference, "reference_generation", lambda *a: {"generation_s_extrapolated": 180.0})
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}", "es.population=16",
+                                      "task.num_prompts=4"])  # wide: all 16 loaded, not 8
+    assert bt.main() == 0  # P1 was measured
+
+    [record] = json.loads((tmp_path / "throughput.json").read_text())
+    assert "unexpected keyword argument 'load_format'" in record["fullweight_peer"]["error"]
+    assert record["p2_vs_fullweight_peer"] is None
+    assert record["p1_vs_best_plain"] == pytest.approx(2.0) and record["p1_vs_same_shape"] == pytest.approx(1.5)
+    assert record["p1_wide_vs_best_plain"] == pytest.approx(4.0 / 3.0)
+    assert record["p2_vs_hf_reference"] == pytest.approx(30.0)
+    assert record["eslora_one_call"]["p1_vs_same_shape"] == pytest.approx(7.0 / 5.0)  # all members in one call vs sequential
+    assert record["handoff_exposed_share"] == 0.02
+    assert record["model"] == "tiny" and record["command"].startswith("python3 bench/bench_throughput.py")
+
+
+def test_without_eslora_measured_p1_is_none_and_the_run_fails(tiny_model_path, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import bench.bench_throughput as bt
+
+    def no_server(*a):
+        raise RuntimeError("server did not become ready in 600 s")
+
+    monkeypatch.setattr(bt, "eslora_runs", no_server)
+    monkeypatch.setattr(bt, "plain_runs", lambda *a: {"shapes": {"one_call": shape(3.0, 60_000), "eslora_shape": shape(4.0, 60_000)}})
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}", "--no-peer",
+                                      "--reference-members", "0", "es.population=8", "task.num_prompts=4"])
+    assert bt.main() == 1
+    [record] = json.loads((tmp_path / "throughput.json").read_text())
+    assert record["eslora"]["error"].startswith("RuntimeError: server did not become ready")
+    assert record["p1_vs_best_plain"] is None and record["plain"]["shapes"]["one_call"]["wall_s"] == 3.0
+
+
+def test_a_generation_is_fed_as_an_actor_is_fed(stand_in):  # noqa: F811
+    """eslora's real SGLang backend (its server a stand-in): 8 members in calls of 2, two calls at
+    once; every call is one generate() of the backend, and the hand-off figures are their sums."""
+    from eslora.backends.base import Sampling
+
+    backend = stand_in()
+    backend.start()
+    members = [backend.random_adapter(f"m{i}", seed=i, scale=0.1) for i in range(8)]
+    before = len(backend.history)
+    fed = fed_generation(backend, PROMPTS, members, Sampling(max_new_tokens=4), per_call=2, in_flight=2)
+    calls = backend.history[before:]
+    assert (fed["calls"], len(calls)) == (4, 4) and all(c["members"] == 2 for c in calls)
+    assert fed["tokens"] == 8 * len(PROMPTS) * 3  # the stand-in answers 3 tokens per prompt
+    assert fed["load_s"] == pytest.approx(sum(c["load_s"] for c in calls)) and fed["load_s"] > 0
+    assert 0.0 <= fed["handoff_share"] <= 1.0 and fed["wall_s"] > 0
+
+
+def test_eslora_runs_measures_both_feedings_on_one_server(stand_in, tiny_model_path, tmp_path):  # noqa: F811
+    """bench's eslora part end to end on CPU: the backend built from the config, its server (the
+    stand-in) started once, the generation timed as trained and as one call, then stopped."""
+    from bench.bench_throughput import eslora_runs
+    from eslora.config import load_config
+
+    members = [stand_in().random_adapter(f"m{i}", seed=i, scale=0.1) for i in range(6)]  # the fixture's server is the stand-in
+    cfg = load_config("configs/countdown_sglang.yaml", [
+        "lora.layers=null", "backend.max_loras_per_batch=2", f"backend.sglang.adapter_dir={tmp_path / 'a'}",
+        "backend.sglang.start_timeout_s=60", "es.population=6"])
+    out = eslora_runs(cfg, str(tiny_model_path), PROMPTS, members, repeats=1, label="test")
+    assert [r["calls"] for r in out["runs"]] == [3, 3] and out["calls_in_flight"] == cfg.cluster.calls_in_flight == 2
+    assert [r["calls"] for r in out["one_call"]["runs"]] == [1, 1]
+    assert out["tokens"] == out["one_call"]["tokens"] == 6 * len(PROMPTS) * 3
+    assert out["server_start_s"] > 0 and 0.0 <= out["handoff_exposed_share"] <= 1.0
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())  # stopped: adapters gone
+
+
+def test_plain_runs_time_every_shape_on_one_plain_server(stand_in, tiny_model_path):  # noqa: F811
+    """bench's plain part on CPU against the stand-in server: one server, no LoRA flags, the graph
+    and running limits covering the generation, three shapes x natural / forced, the same tokens."""
+    from bench.bench_throughput import plain_runs
+    from eslora.config import load_config
+
+    stand_in()  # the fixture's environment: `sglang.launch_server` is the stand-in
+    cfg = load_config("configs/countdown_sglang.yaml", ["backend.max_loras_per_batch=2", "es.population=6",
+                                                         "backend.sglang.start_timeout_s=60"])
+    out = plain_runs(cfg, str(tiny_model_path), PROMPTS, repeats=1)
+    flags = out["command_flags"]
+    assert "--enable-lora" not in flags and flags[flags.index("--cuda-graph-max-bs") + 1] == str(6 * len(PROMPTS))
+    assert set(out["shapes"]) == {f"{s}{f}" for s in ("one_call", "eslora_shape", "sequential_calls") for f in ("", "_forced")}
+    assert {s["tokens"] for s in out["shapes"].values()} == {6 * len(PROMPTS) * 3}

@@ -224,7 +224,7 @@ class SGLangBackend(ServerBackend):
                 try:
                     t0 = time.perf_counter()
                     names = pending.result() if pending is not None else self._load_batch(batch, call)
-                    call.exposed_handoff_s += self._exposed(t0, time.perf_counter())
+                    call.exposed_handoff_s += self.idle_seconds(t0, time.perf_counter())
                     pending = None
                     if k + 1 < len(batches):  # overlap: next batch loads while this one generates
                         pending = handoff.submit(self._load_batch, [adapters[i] for i in batches[k + 1]], call)
@@ -259,8 +259,9 @@ class SGLangBackend(ServerBackend):
               f"set backend.sglang.cuda_graph_max_bs={requests} (the 1.5B learning run: 28.4 -> 18.2 s per generation "
               f"at 512, docs/sglang.md)", file=sys.stderr, flush=True)
 
-    def _exposed(self, start: float, end: float) -> float:
-        """Seconds of [start, end] during which no /generate request of this backend ran."""
+    def idle_seconds(self, start: float, end: float) -> float:
+        """Seconds of [start, end] during which no /generate request of this backend ran (the
+        server idle, whatever the number of calls in flight: a generation's exposed hand-off)."""
         with self._lock:
             busy = [(a, b if b is not None else end) for a, b in self._generating]
         return uncovered(start, end, busy)
