@@ -90,8 +90,8 @@ def fed_generation(backend: Any, prompts: list[str], members: list, sampling: An
     """One generation fed to `backend` as an actor is fed: calls of `per_call` members, `in_flight`
     of them at once (the actor's max_concurrency = cluster.calls_in_flight; the queue hands the
     next call to the first free slot). The exposed hand-off is the time the server generated
-    nothing (`idle_seconds`): the calls' own exposed seconds overlap when two calls wait at once,
-    so their sum (`calls_exposed_handoff_s`) can count a wait twice."""
+    nothing (`idle_seconds`); `calls_exposed_handoff_s`, the calls' own exposed seconds summed (what
+    the training metrics report), is that idle time within the calls' waits (a second once)."""
     calls = [members[i:i + per_call] for i in range(0, len(members), per_call)]
     first = len(backend.history)
     t0 = time.perf_counter()

@@ -173,7 +173,8 @@ def generation_record(cfg: Config, generation: int, result: "GenerationResult", 
         record["correct_completions"] = int(round(sum(p["answer"] for p in result.parts) * cfg.task.num_prompts))
     if result.actors:
         # Share of the servers' time (actors x generation wall) spent idle waiting for adapter
-        # hand-off; calls overlap on one server, so their own walls don't add up.
+        # hand-off: calls overlap on one server, so their walls don't add up, but their exposed
+        # seconds do (a backend counts an idle second for one call only).
         record["backend_handoff_share"] = result.backend_stats["exposed_handoff_s"] / (seconds * len(result.actors))
     return record
 

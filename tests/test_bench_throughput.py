@@ -153,6 +153,8 @@ def test_a_generation_is_fed_as_an_actor_is_fed(stand_in):  # noqa: F811
     assert fed["tokens"] == 8 * len(PROMPTS) * 3  # the stand-in answers 3 tokens per prompt
     assert fed["load_s"] == pytest.approx(sum(c["load_s"] for c in calls)) and fed["load_s"] > 0
     assert 0.0 <= fed["handoff_share"] <= 1.0 and fed["wall_s"] > 0
+    # the calls' exposed seconds are idle seconds within their waits, each counted by one call
+    assert fed["calls_exposed_handoff_s"] <= fed["exposed_handoff_s"] + 1e-6
 
 
 def test_eslora_runs_measures_both_feedings_on_one_server(stand_in, tiny_model_path, tmp_path):  # noqa: F811

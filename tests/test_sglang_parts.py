@@ -11,7 +11,7 @@ import requests
 
 from eslora.backends import make_backend
 from eslora.backends.base import BackendError, CallStats, Sampling, ServerCrashed
-from eslora.backends.sglang import SGLangBackend, build_command, uncovered
+from eslora.backends.sglang import SGLangBackend, build_command, uncovered, uncovered_spans
 from eslora.config import load_config
 from eslora.lora import Adapter, LoraSpec
 
@@ -61,6 +61,22 @@ def test_unknown_dtype_is_refused_naming_the_key():
 )
 def test_exposed_wait_excludes_time_hidden_by_generation(start, end, intervals, expected):
     assert uncovered(start, end, intervals) == pytest.approx(expected)
+    gaps = uncovered_spans(start, end, intervals)
+    assert sum(b - a for a, b in gaps) == pytest.approx(expected)
+    assert all(start <= a < b <= end for a, b in gaps) and gaps == sorted(gaps)
+
+
+def test_two_calls_waiting_at_once_count_the_servers_idle_time_once():
+    # With calls in flight, two calls can wait for their adapters while the server is idle; each
+    # idle second is one exposed second of the generation, so the calls' sum must not count it twice.
+    cfg = load_config("configs/countdown_sglang.yaml")
+    backend = SGLangBackend(cfg.backend, "/models/m", LoraSpec.from_config(cfg.lora), cfg.model.dtype)
+    backend._generating = [[10.2, 10.5], [11.8, None]]  # one request done, one still running
+    first = backend.claim_idle_seconds(10.0, 11.0)
+    second = backend.claim_idle_seconds(10.0, 11.0)  # the other call, same wait
+    third = backend.claim_idle_seconds(10.5, 12.0)  # overlaps the first wait, then the running request
+    assert first == pytest.approx(0.7) and second == 0.0 and third == pytest.approx(0.8)
+    assert first + second + third == pytest.approx(backend.idle_seconds(10.0, 12.0))
 
 
 # A stand-in for `python -m sglang.launch_server` (found first on PYTHONPATH): SGLang's health,

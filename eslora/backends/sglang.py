@@ -75,15 +75,21 @@ def build_command(backend_cfg: Any, spec: LoraSpec, dtype: str, model_path: str,
     return cmd
 
 
+def uncovered_spans(start: float, end: float, intervals: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The parts (a, b) of [start, end] not covered by any of `intervals` (a, b), in order."""
+    gaps, reach = [], start
+    for a, b in sorted((max(a, start), min(b, end)) for a, b in intervals if b > start and a < end):
+        if a > reach:
+            gaps.append((reach, a))
+        reach = max(reach, b)
+    if reach < end:
+        gaps.append((reach, end))
+    return gaps
+
+
 def uncovered(start: float, end: float, intervals: Sequence[tuple[float, float]]) -> float:
     """Length of [start, end] not covered by any of `intervals` (a, b)."""
-    spans = sorted((max(a, start), min(b, end)) for a, b in intervals if b > start and a < end)
-    covered, reach = 0.0, start
-    for a, b in spans:
-        if b > reach:
-            covered += b - max(a, reach)
-            reach = b
-    return max(0.0, (end - start) - covered)
+    return sum(b - a for a, b in uncovered_spans(start, end, intervals))
 
 
 class SGLangBackend(ServerBackend):
@@ -111,6 +117,9 @@ class SGLangBackend(ServerBackend):
         # [start, end or None] of recent /generate requests, so a call's wait for its adapters can
         # be split into exposed time and time hidden behind another call's generation.
         self._generating: list[list[Optional[float]]] = []
+        # Idle spans a call already counted as its exposed hand-off: with two calls waiting at once
+        # the server's idle second is exposed once, so the calls' sum is the server's idle time.
+        self._claimed_idle: list[tuple[float, float]] = []
         self._shapes: Optional[dict[str, tuple[int, ...]]] = None
         self._warned_graph_limit = False
 
@@ -224,7 +233,7 @@ class SGLangBackend(ServerBackend):
                 try:
                     t0 = time.perf_counter()
                     names = pending.result() if pending is not None else self._load_batch(batch, call)
-                    call.exposed_handoff_s += self.idle_seconds(t0, time.perf_counter())
+                    call.exposed_handoff_s += self.claim_idle_seconds(t0, time.perf_counter())
                     pending = None
                     if k + 1 < len(batches):  # overlap: next batch loads while this one generates
                         pending = handoff.submit(self._load_batch, [adapters[i] for i in batches[k + 1]], call)
@@ -265,6 +274,15 @@ class SGLangBackend(ServerBackend):
         with self._lock:
             busy = [(a, b if b is not None else end) for a, b in self._generating]
         return uncovered(start, end, busy)
+
+    def claim_idle_seconds(self, start: float, end: float) -> float:
+        """`idle_seconds(start, end)` less the idle time another call already counted, which this
+        call now counts: summed over concurrent calls, the server's idle time, never twice."""
+        with self._lock:
+            busy = [(a, b if b is not None else end) for a, b in self._generating]
+            gaps = uncovered_spans(start, end, busy + self._claimed_idle)
+            self._claimed_idle = [iv for iv in self._claimed_idle if iv[1] > end - 600] + gaps
+        return sum(b - a for a, b in gaps)
 
     # ------------------------------------------------------------------ self-check
     def _self_check(self) -> None:
