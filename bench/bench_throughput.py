@@ -28,6 +28,10 @@ Per model, each server started once and stopped before the next (one GPU):
    model process by a custom weight loader (bench/inplace_perturb.py, 16 bytes per update), and
    as CUDA tensors built here and sent with `update_weights_from_tensor`.
 5. HF reference loop (bench_reference.py's structure), `--reference-members` run, extrapolated.
+6. eslora with `backend.sglang.adapter_layers_only` (LoRA kernels on lora.layers only, through
+   eslora's SGLang plugin), fed as in 1; its texts compared with 1's (the run-to-run agreement of
+   1 is the floor: continuous batching is not batch-invariant). Run for every model after all
+   models' parts 1-5, so it only uses what time is left (`--no-adapter-layers` skips it).
 
 Ratios are wall-time ratios (greedy completions under different weights stop at different lengths;
 the per-token ratio is reported next to each).
@@ -43,7 +47,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,22 +89,32 @@ def members_per_call(cfg: Any, population: int) -> int:
     return batches * cfg.backend.max_loras_per_batch if batches else population
 
 
+def same_share(texts: Sequence[str], reference: Sequence[str]) -> Optional[float]:
+    """Share of completions (member x prompt, in order) equal to `reference`'s; None without one."""
+    if not reference or len(reference) != len(texts):
+        return None
+    return sum(a == b for a, b in zip(texts, reference)) / len(texts)
+
+
 def fed_generation(backend: Any, prompts: list[str], members: list, sampling: Any, per_call: int,
-                   in_flight: int) -> dict[str, Any]:
+                   in_flight: int, texts: Optional[list[str]] = None) -> dict[str, Any]:
     """One generation fed to `backend` as an actor is fed: calls of `per_call` members, `in_flight`
     of them at once (the actor's max_concurrency = cluster.calls_in_flight; the queue hands the
     next call to the first free slot). The exposed hand-off is the time the server generated
     nothing (`idle_seconds`); `calls_exposed_handoff_s`, the calls' own exposed seconds summed (what
-    the training metrics report), is that idle time within the calls' waits (a second once)."""
+    the training metrics report), is that idle time within the calls' waits (a second once).
+    `texts`, if given, is replaced by the completions' texts (member by member, prompt by prompt)."""
     calls = [members[i:i + per_call] for i in range(0, len(members), per_call)]
     first = len(backend.history)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="bench-call") as pool:
-        list(pool.map(lambda call: backend.generate(prompts, call, sampling), calls))
+        outputs = list(pool.map(lambda call: backend.generate(prompts, call, sampling), calls))
     backend.drain()  # the last unload, so the records hold the whole hand-off
     t1 = time.perf_counter()
     wall, idle = t1 - t0, backend.idle_seconds(t0, t1)
     records = backend.history[first:]
+    if texts is not None:
+        texts[:] = [c.text for rows in outputs for row in rows for c in row]
     out = {k: sum(r[k] for r in records) for k in ("tokens", "write_s", "load_s", "unload_s")}
     return {"wall_s": wall, **out, "tokens_per_s": out["tokens"] / wall, "exposed_handoff_s": idle,
             "handoff_share": idle / wall, "calls_exposed_handoff_s": sum(r["exposed_handoff_s"] for r in records),
@@ -108,13 +122,16 @@ def fed_generation(backend: Any, prompts: list[str], members: list, sampling: An
 
 
 def eslora_runs(cfg: Any, model_path: str, prompts: list[str], members: list, repeats: int, label: str,
-                one_call: bool = True) -> dict[str, Any]:
+                one_call: bool = True, texts: Optional[list[str]] = None) -> dict[str, Any]:
     """Whole generations through eslora's SGLang backend, on one server, fed two ways:
     - as the training run feeds one actor (the summary itself): calls of cluster.batches_per_call
       batches of max_loras_per_batch members, cluster.calls_in_flight at once, so the server holds
       the next call's requests and admits them as a member's slot frees (continuous feeding);
     - `one_call`: all members in one generate() call, its batches one after another (the shape
-      issue 14's first measurement used: 6.09 s on the 0.5B), unless `one_call` is false."""
+      issue 14's first measurement used: 6.09 s on the 0.5B), unless `one_call` is false.
+    `same_text_share_run_to_run`: the last two fed runs' completions that agree (greedy, but
+    continuous batching is not batch-invariant: the noise floor of a text comparison); `texts`,
+    if given, gets the last fed run's completions (with `reference_texts`: compared with them)."""
     from eslora.backends import make_backend
     from eslora.backends.base import Sampling
     from eslora.lora import LoraSpec
@@ -125,8 +142,16 @@ def eslora_runs(cfg: Any, model_path: str, prompts: list[str], members: list, re
     per_call = members_per_call(cfg, len(members))
     try:
         backend.start()
-        out = summarize(timed_runs(lambda: fed_generation(backend, prompts, members, sampling, per_call, cfg.cluster.calls_in_flight),
-                                   repeats, label))
+        last: list[list[str]] = [[], []]
+
+        def fed() -> dict[str, Any]:
+            last.append(last.pop(0))  # the previous run's texts move to last[0]
+            return fed_generation(backend, prompts, members, sampling, per_call, cfg.cluster.calls_in_flight, last[1])
+
+        out = summarize(timed_runs(fed, repeats, label))
+        out["same_text_share_run_to_run"] = same_share(last[1], last[0])
+        if texts is not None:
+            texts[:] = last[1]
         if one_call:
             out["one_call"] = summarize(timed_runs(lambda: fed_generation(backend, prompts, members, sampling, len(members), 1),
                                                    repeats, f"{label} one call"))
@@ -296,9 +321,12 @@ def measured_part(record: dict[str, Any], key: str, fn: Callable[[], Any], save:
 
 
 def measure_model(name: str, model_path: str, args: argparse.Namespace,
-                  save: Callable[[dict[str, Any]], None] = lambda record: None) -> dict[str, Any]:
+                  save: Callable[[dict[str, Any]], None] = lambda record: None,
+                  later: Optional[list[Callable[[], None]]] = None) -> dict[str, Any]:
     """One model's object of throughput.json; `save(record)` is called after every part with the
-    record so far. A ratio whose parts did not both run is None (its part holds the error)."""
+    record so far. A ratio whose parts did not both run is None (its part holds the error).
+    The optional last part (`eslora_adapter_layers`) is appended to `later` to run once every
+    model's required parts are done (run here when `later` is None)."""
     from eslora.config import load_config
 
     overrides = [f"model.name_or_path={model_path}", *args.overrides]
@@ -308,14 +336,15 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
     record: dict[str, Any] = {"model": name, "model_path": model_path, "device": device_name(),
                               "population": population, "prompts": len(prompts), "max_new_tokens": cfg.task.max_new_tokens,
                               "greedy": cfg.task.temperature == 0.0}
-    keys = ("p1_vs_best_plain", "p1_vs_same_shape", "p1_wide_vs_best_plain", "p2_vs_fullweight_peer",
-            "p2_vs_hf_reference", "handoff_exposed_share")
+    keys = ("p1_vs_best_plain", "p1_vs_same_shape", "p1_wide_vs_best_plain", "p1_adapter_layers_vs_best_plain",
+            "p2_vs_fullweight_peer", "p2_vs_hf_reference", "handoff_exposed_share")
     record.update(dict.fromkeys(keys))  # every key the issue asks for is present, measured or None
 
     def part(key: str, fn: Callable[[], Any]) -> Any:
         return measured_part(record, key, fn, lambda: save(record))
 
-    eslora = part("eslora", lambda: eslora_runs(cfg, model_path, prompts, members, args.repeats, "eslora"))
+    default_texts: list[str] = []
+    eslora = part("eslora", lambda: eslora_runs(cfg, model_path, prompts, members, args.repeats, "eslora", texts=default_texts))
     wide_bs = population * len(prompts)
     wide_cfg = load_config(args.config, [*overrides, f"backend.max_loras_per_batch={population}",
                                          f"backend.sglang.cuda_graph_max_bs={wide_bs}"])
@@ -342,6 +371,27 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
         if reference and eslora:
             record["p2_vs_hf_reference"] = reference["generation_s_extrapolated"] / eslora["wall_s"]
     save(record)
+
+    def adapter_layers_part() -> None:
+        # backend.sglang.adapter_layers_only: LoRA kernels only on lora.layers (eslora's SGLang
+        # plugin); after the issue's keys, so they never wait for it
+        layers_cfg = load_config(args.config, [*overrides, "backend.sglang.adapter_layers_only=true"])
+        layers_texts: list[str] = []
+        layers = part("eslora_adapter_layers", lambda: eslora_runs(layers_cfg, model_path, prompts, members, args.repeats,
+                                                                   "eslora adapter layers", one_call=False, texts=layers_texts))
+        if layers:
+            layers["same_text_share_vs_default"] = same_share(layers_texts, default_texts)
+            if plain:
+                record["adapter_layers"] = ratios(layers, plain["shapes"], "eslora_shape")
+                record["p1_adapter_layers_vs_best_plain"] = record["adapter_layers"]["p1_vs_best_plain"]
+            if eslora:
+                record["adapter_layers_speedup_vs_default"] = eslora["wall_s"] / layers["wall_s"]
+            save(record)
+
+    if args.adapter_layers and later is not None:
+        later.append(adapter_layers_part)
+    elif args.adapter_layers:
+        adapter_layers_part()
     return record
 
 
@@ -354,6 +404,8 @@ def main() -> int:
     ap.add_argument("--peer-repeats", type=int, default=1,
                     help="the peer's timed generations after its warm-up, per way (each is 32 sequential "
                          "member generations: minutes on a 1.5B, so fewer than --repeats)")
+    ap.add_argument("--no-adapter-layers", dest="adapter_layers", action="store_false",
+                    help="skip eslora with backend.sglang.adapter_layers_only (the last part of each model)")
     ap.add_argument("--reference-members", type=int, default=2, help="HF reference members run (0 = skip)")
     ap.add_argument("overrides", nargs="*", help="config key=value for every model")
     args = ap.parse_args()
@@ -361,20 +413,25 @@ def main() -> int:
     if any(len(m) != 2 for m in models):
         ap.error("--model takes NAME=PATH")
     command = "python3 bench/bench_throughput.py " + " ".join(sys.argv[1:])
-    done: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     target = out_path("throughput.json")
 
     def save(record: dict[str, Any]) -> None:
         # after every part of every model, so a lease lost mid-run keeps what was measured
         record.update({"command": command, "versions": versions(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        if not any(r is record for r in records):
+            records.append(record)
         if target:
-            Path(target).write_text(json.dumps([*done, record], indent=1, default=str))
+            Path(target).write_text(json.dumps(records, indent=1, default=str))
 
+    later: list[Callable[[], None]] = []  # optional parts, once every model has its required ones
     for name, path in models:
-        record = measure_model(name, path, args, save)
-        done.append(record)
+        measure_model(name, path, args, save, later)
+    for optional_part in later:
+        optional_part()
+    for record in records:
         print(json.dumps({k: v for k, v in record.items() if not isinstance(v, dict)}, indent=1, default=str), flush=True)
-    return 0 if all(record.get("p1_vs_best_plain") is not None for record in done) else 1
+    return 0 if all(record.get("p1_vs_best_plain") is not None for record in records) else 1
 
 
 if __name__ == "__main__":

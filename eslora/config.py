@@ -122,6 +122,10 @@ class SGLangConfig:
     # default on an H200 is 256); set it to max_loras_per_batch x prompts per call when that is more.
     cuda_graph_max_bs: int = 0  # 0 = SGLang's default
     mem_fraction_static: float = 0.0  # 0 = SGLang's default
+    # LoRA kernels only on lora.layers: SGLang wraps every layer (an adapter's missing layers are
+    # zeros it still multiplies); eslora's SGLang plugin, which needs eslora installed in the
+    # server's Python, unwraps the rest. Adapters must then keep to lora.layers.
+    adapter_layers_only: bool = False
     extra_args: list[str] = field(default_factory=list)  # passed through to launch_server
     start_timeout_s: float = 600.0
     adapter_dir: str = "/dev/shm"  # RAM-backed folder for member adapters

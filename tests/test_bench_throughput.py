@@ -91,8 +91,14 @@ def test_a_failing_part_is_recorded_and_the_others_still_measured(tiny_model_pat
     import bench.bench_reference as bench_reference
     import bench.bench_throughput as bt
 
-    monkeypatch.setattr(bt, "eslora_runs", lambda cfg, *a, **k: {**shape(6.0 if cfg.backend.max_loras_per_batch == 8 else 4.0, 50_000),
-                                                                  "one_call": shape(7.0, 50_000), "handoff_exposed_share": 0.02})
+    def eslora_runs(cfg, *a, texts=None, **k):
+        layers_only = cfg.backend.sglang.adapter_layers_only
+        if texts is not None:  # the last run's completions, compared between the default and layers-only parts
+            texts[:] = ["x", "y", "z", "w"] if layers_only else ["x", "y", "v", "w"]
+        wall = 5.0 if layers_only else 6.0 if cfg.backend.max_loras_per_batch == 8 else 4.0
+        return {**shape(wall, 50_000), "one_call": shape(7.0, 50_000), "handoff_exposed_share": 0.02}
+
+    monkeypatch.setattr(bt, "eslora_runs", eslora_runs)
     monkeypatch.setattr(bt, "plain_runs", lambda *a: {"shapes": {"one_call": shape(3.0, 60_000), "eslora_shape": shape(4.0, 60_000),
                                                                  "sequential_calls": shape(5.0, 60_000),
                                                                  "one_call_forced": shape(2.0, 80_000)}})
@@ -115,7 +121,42 @@ def test_a_failing_part_is_recorded_and_the_others_still_measured(tiny_model_pat
     assert record["p2_vs_hf_reference"] == pytest.approx(30.0)
     assert record["eslora_one_call"]["p1_vs_same_shape"] == pytest.approx(7.0 / 5.0)  # all members in one call vs sequential
     assert record["handoff_exposed_share"] == 0.02
+    assert record["p1_adapter_layers_vs_best_plain"] == pytest.approx(5.0 / 3.0)
+    assert record["adapter_layers_speedup_vs_default"] == pytest.approx(6.0 / 5.0)
+    assert record["eslora_adapter_layers"]["same_text_share_vs_default"] == pytest.approx(0.75)
     assert record["model"] == "tiny" and record["command"].startswith("python3 bench/bench_throughput.py")
+
+
+def test_the_optional_part_runs_for_every_model_after_all_required_parts(tiny_model_path, tmp_path, monkeypatch):
+    """A lease that ends early must cost the optional adapter-layers measurement, not the second
+    model's required parts: the 0.5B's optional part waits until the 1.5B's parts are done."""
+    import json
+    import sys
+
+    import bench.bench_throughput as bt
+
+    order = []
+
+    def eslora_runs(cfg, model_path, prompts, members, repeats, label, **k):
+        order.append((label, cfg.model.name_or_path))
+        return {**shape(5.0 if cfg.backend.sglang.adapter_layers_only else 6.0, 50_000),
+                "one_call": shape(7.0, 50_000), "handoff_exposed_share": 0.02}
+
+    monkeypatch.setattr(bt, "eslora_runs", eslora_runs)
+    monkeypatch.setattr(bt, "plain_runs", lambda *a: {"shapes": {"one_call": shape(3.0, 60_000), "eslora_shape": shape(4.0, 60_000),
+                                                                 "sequential_calls": shape(5.0, 60_000)}})
+    monkeypatch.setenv("OUT", str(tmp_path))
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.symlink_to(tiny_model_path)
+    second.symlink_to(tiny_model_path)
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"a={first}", "--model", f"b={second}", "--no-peer",
+                                      "--reference-members", "0", "es.population=8", "task.num_prompts=4"])
+    assert bt.main() == 0
+    assert [label for label, _ in order] == ["eslora", "eslora wide"] * 2 + ["eslora adapter layers"] * 2
+    assert [path for _, path in order[-2:]] == [str(first), str(second)]
+    records = json.loads((tmp_path / "throughput.json").read_text())
+    assert [r["model"] for r in records] == ["a", "b"]
+    assert all(r["p1_adapter_layers_vs_best_plain"] == pytest.approx(5.0 / 3.0) for r in records)
 
 
 def test_without_eslora_measured_p1_is_none_and_the_run_fails(tiny_model_path, tmp_path, monkeypatch):
@@ -124,7 +165,7 @@ def test_without_eslora_measured_p1_is_none_and_the_run_fails(tiny_model_path, t
 
     import bench.bench_throughput as bt
 
-    def no_server(*a):
+    def no_server(*a, **k):
         raise RuntimeError("server did not become ready in 600 s")
 
     monkeypatch.setattr(bt, "eslora_runs", no_server)
@@ -167,9 +208,15 @@ def test_eslora_runs_measures_both_feedings_on_one_server(stand_in, tiny_model_p
     cfg = load_config("configs/countdown_sglang.yaml", [
         "lora.layers=null", "backend.max_loras_per_batch=2", f"backend.sglang.adapter_dir={tmp_path / 'a'}",
         "backend.sglang.start_timeout_s=60", "es.population=6"])
-    out = eslora_runs(cfg, str(tiny_model_path), PROMPTS, members, repeats=1, label="test")
+    texts: list[str] = []
+    out = eslora_runs(cfg, str(tiny_model_path), PROMPTS, members, repeats=1, label="test", texts=texts)
+    # member by member, prompt by prompt (the stand-in answers "<weights digest>|<prompt[:8]>")
+    assert len(texts) == 6 * len(PROMPTS) and [t.split("|")[1] for t in texts[:2]] == [p[:8] for p in PROMPTS]
+    assert len({t.split("|")[0] for t in texts}) == 6
     assert [r["calls"] for r in out["runs"]] == [3, 3] and out["calls_in_flight"] == cfg.cluster.calls_in_flight == 2
     assert [r["calls"] for r in out["one_call"]["runs"]] == [1, 1]
+    # the stand-in's completions are digests of weights and prompt: the same in every run
+    assert out["same_text_share_run_to_run"] == 1.0
     assert out["tokens"] == out["one_call"]["tokens"] == 6 * len(PROMPTS) * 3
     assert out["server_start_s"] > 0 and 0.0 <= out["handoff_exposed_share"] <= 1.0
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())  # stopped: adapters gone

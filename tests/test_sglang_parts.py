@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import requests
 
-from eslora.backends import make_backend
+from eslora.backends import make_backend, sglang_plugin
 from eslora.backends.base import BackendError, CallStats, Sampling, ServerCrashed
 from eslora.backends.sglang import SGLangBackend, build_command, uncovered, uncovered_spans
 from eslora.config import load_config
@@ -136,21 +136,22 @@ PROMPTS = ["the cat sat on", "numbers and words"]
 
 @pytest.fixture
 def stand_in(tiny_model_path, tmp_path, monkeypatch):
-    """An SGLangBackend (from the config, through make_backend) whose server is the stand-in."""
+    """An SGLangBackend (from the config, through make_backend, with `build(*overrides)`) whose
+    server is the stand-in."""
     package = tmp_path / "site" / "sglang"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "launch_server.py").write_text(STAND_IN)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    cfg = load_config("configs/countdown_sglang.yaml", [
-        "lora.layers=null", "backend.max_loras_per_batch=2", "backend.max_restarts=2",
-        f"backend.sglang.adapter_dir={tmp_path / 'adapters'}", "backend.sglang.start_timeout_s=60",
-    ])
+    base = ["lora.layers=null", "backend.max_loras_per_batch=2", "backend.max_restarts=2",
+            f"backend.sglang.adapter_dir={tmp_path / 'adapters'}", "backend.sglang.start_timeout_s=60"]
+    cfg = load_config("configs/countdown_sglang.yaml", base)
     backends = []
 
-    def build():
-        backend = make_backend(cfg.backend, str(tiny_model_path), LoraSpec.from_config(cfg.lora), cfg.model.dtype)
+    def build(*overrides: str):
+        config = load_config("configs/countdown_sglang.yaml", [*base, *overrides]) if overrides else cfg
+        backend = make_backend(config.backend, str(tiny_model_path), LoraSpec.from_config(config.lora), config.model.dtype)
         backends.append(backend)
         return backend
 
@@ -222,6 +223,28 @@ def test_server_sees_the_users_environment_offline_only_when_set(stand_in, monke
     offline = stand_in()
     offline.start()
     assert server_env(offline)["HF_HUB_OFFLINE"] == "1", "the user's choice passes through"
+
+
+def test_adapter_layers_only_without_eslora_in_the_servers_python_fails_at_start(stand_in):
+    # The stand-in is not SGLang: no plugin runs in it, as in a server Python without eslora.
+    backend = stand_in("lora.layers=[0,1]", "backend.sglang.adapter_layers_only=true")
+    assert backend._env()[sglang_plugin.LAYERS_ENV] == "0,1"
+    with pytest.raises(BackendError, match="adapter_layers_only=true(.|\n)*entry point sglang.srt.plugins"):
+        backend.start()
+    assert backend.server is None, "a server that failed its start-up check must not keep running"
+    plain = stand_in("lora.layers=[0,1]")
+    assert sglang_plugin.LAYERS_ENV not in plain._env()
+    plain.start()  # without the key nothing is asked of the server's Python
+
+
+def test_adapter_layers_only_refuses_adapters_the_server_would_mis_serve():
+    cfg = load_config("configs/countdown_sglang.yaml", ["lora.layers=[0,1,2]", "backend.sglang.adapter_layers_only=true"])
+    backend = SGLangBackend(cfg.backend, "/models/m", LoraSpec.from_config(cfg.lora), cfg.model.dtype)
+    backend._check(LoraSpec(layers=(0, 2)), where="adapter inside")  # a subset is served exactly
+    with pytest.raises(BackendError, match=r"adapter outside: has LoRA weights on \[5\], outside lora.layers \[0, 1, 2\]"):
+        backend._check(LoraSpec(layers=(1, 5)), where="adapter outside")
+    with pytest.raises(BackendError, match="every layer"):
+        backend._check(LoraSpec(layers=None), where="adapter all")
 
 
 def test_a_server_that_cannot_come_back_is_server_crashed_naming_why(stand_in, tmp_path):

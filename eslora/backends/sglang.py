@@ -16,14 +16,17 @@ same hand-off thread, so the second call's adapters load while the first call ge
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from eslora.backends import sglang_plugin
 from eslora.backends.base import BackendError, CallStats, Completion, Sampling, ServerCrashed
 from eslora.backends.common import batched, check_adapter, split_rows
 from eslora.backends.server_backend import ServerBackend
@@ -122,6 +125,7 @@ class SGLangBackend(ServerBackend):
         self._claimed_idle: list[tuple[float, float]] = []
         self._shapes: Optional[dict[str, tuple[int, ...]]] = None
         self._warned_graph_limit = False
+        self.plugin_report: Optional[dict[str, Any]] = None  # what eslora's SGLang plugin did (adapter_layers_only)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -131,13 +135,49 @@ class SGLangBackend(ServerBackend):
         super().start()
 
     def _command(self, port: int) -> list[str]:
+        self._plugin_report.unlink(missing_ok=True)  # a restart's server must write its own
         self._dummy = ""
         if self.sg.preload_dummy:
             # The field notes' start-up: the server sees one adapter at launch, we unload it after.
             self._dummy = str(self._write(self.random_adapter("dummy", seed=12345, scale=0.0)))
         return build_command(self.backend_cfg, self.spec, self.dtype, self.model_path, port, self._dummy)
 
+    @property
+    def kept_layers(self) -> Optional[tuple[int, ...]]:
+        """The layers the server runs LoRA kernels on when adapter_layers_only (None = all)."""
+        return self.spec.layers if self.sg.adapter_layers_only else None
+
+    @property
+    def _plugin_report(self) -> Path:
+        return self.adapter_root / "sglang_plugin.json"
+
+    def _env(self) -> dict[str, str]:
+        env = super()._env()
+        if self.kept_layers is not None:
+            env[sglang_plugin.LAYERS_ENV] = sglang_plugin.format_layers(self.kept_layers)
+            env[sglang_plugin.REPORT_ENV] = str(self._plugin_report)
+        return env
+
+    def _check_plugin(self) -> None:
+        """adapter_layers_only: the plugin must have unwrapped the other layers in this server."""
+        try:
+            report = json.loads(self._plugin_report.read_text())
+        except (OSError, ValueError):
+            raise BackendError(
+                "backend.sglang.adapter_layers_only=true, but eslora's SGLang plugin did not run in the server "
+                f"({self._plugin_report} was not written): install eslora in the server's Python "
+                f"(backend.sglang.python={self.sg.python or sys.executable!r}; `pip install -e .` registers the "
+                "entry point sglang.srt.plugins: eslora_adapter_layers), and do not leave it out of SGLANG_PLUGINS"
+            ) from None
+        expected = [i for i in self.kept_layers or () if i < report["layers"]]
+        if report["kept_layers"] != expected:
+            raise BackendError(f"eslora's SGLang plugin kept LoRA on layers {report['kept_layers']}, "
+                               f"expected lora.layers {expected}")
+        self.plugin_report = report
+
     def _on_started(self) -> None:
+        if self.kept_layers is not None:
+            self._check_plugin()
         if self._dummy:
             self._post(self.unload_path, {"lora_name": "dummy"})
             shutil.rmtree(self._dummy, ignore_errors=True)
@@ -152,6 +192,12 @@ class SGLangBackend(ServerBackend):
 
     def _check(self, spec: LoraSpec, where: str) -> None:
         check_adapter(spec, self.max_lora_rank, where, server_modules=self.target_modules)
+        kept = self.kept_layers
+        if kept is not None and (spec.layers is None or not set(spec.layers) <= set(kept)):
+            # the server would ignore the adapter's weights on the unwrapped layers
+            outside = "every layer" if spec.layers is None else sorted(set(spec.layers) - set(kept))
+            raise BackendError(f"{where}: has LoRA weights on {outside}, outside lora.layers {list(kept)}, which "
+                               "backend.sglang.adapter_layers_only=true serves without LoRA kernels")
 
     # ------------------------------------------------------------------ adapters
     def random_adapter(self, name: str, seed: int, scale: float) -> Adapter:

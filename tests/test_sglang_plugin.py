@@ -1,0 +1,98 @@
+"""eslora's SGLang plugin (backend.sglang.adapter_layers_only) on CPU: the unwrapping on a torch
+model built the way SGLang's LoRA manager leaves it, the report, and the entry point SGLang's
+plugin loader finds. The hook inside a real SGLang server is tested on the GPU
+(tests/test_sglang_gpu.py::test_adapter_layers_only_serves_the_same_text)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib.metadata import entry_points
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from eslora.backends import sglang_plugin
+
+
+class WithLoRA(nn.Module):
+    """Shaped like SGLang's BaseLayerWithLoRA: the wrapped module is kept as `base_layer`."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
+
+def wrapped_model(layers: int = 4) -> tuple[nn.Module, list[dict[str, nn.Module]]]:
+    """A decoder-shaped model whose modules are wrapped as LoRAManager.init_lora_modules does,
+    with its per-layer table {module name: LoRA module}."""
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList()
+    table: list[dict[str, nn.Module]] = []
+    for i in range(layers):
+        layer = nn.Module()
+        layer.self_attn = nn.Module()
+        layer.self_attn.qkv_proj = nn.Linear(4, 12)
+        layer.mlp = nn.Module()
+        layer.mlp.down_proj = nn.Linear(8, 4)
+        model.model.layers.append(layer)
+        entry = {}
+        for name in (f"model.layers.{i}.self_attn.qkv_proj", f"model.layers.{i}.mlp.down_proj"):
+            parent_name, _, attr = name.rpartition(".")
+            wrapper = WithLoRA(model.get_submodule(name))
+            setattr(model.get_submodule(parent_name), attr, wrapper)
+            entry[name] = wrapper
+        table.append(entry)
+    return model, table
+
+
+def test_layers_outside_the_kept_set_get_their_base_modules_back():
+    model, table = wrapped_model(4)
+    base = {name: module.base_layer for entry in table for name, module in entry.items()}
+    unwrapped = sglang_plugin.unwrap_outside(model, table, frozenset({0, 2}))
+    assert unwrapped == 4
+    for name, module in base.items():
+        layer = int(name.split(".")[2])
+        served = model.get_submodule(name)
+        if layer in (0, 2):
+            assert isinstance(served, WithLoRA) and served.base_layer is module
+        else:
+            assert served is module  # the very base module: the plain path, its weights untouched
+    assert [bool(entry) for entry in table] == [True, False, True, False]  # adapter loads skip them too
+    with torch.no_grad():
+        assert model.model.layers[1].mlp.down_proj(torch.ones(1, 8)).shape == (1, 4)
+
+
+def test_the_hook_unwraps_and_reports_what_it_kept(tmp_path, monkeypatch):
+    model, table = wrapped_model(5)
+    report = tmp_path / "report.json"
+    monkeypatch.setenv(sglang_plugin.LAYERS_ENV, sglang_plugin.format_layers([3, 0, 1, 9]))  # 9: past the model
+    monkeypatch.setenv(sglang_plugin.REPORT_ENV, str(report))
+    manager = SimpleNamespace(base_model=model, lora_modules=table)  # LoRAManager's two attributes it uses
+    assert sglang_plugin._after_init_lora_modules(None, manager) is None  # AFTER hook: keep the result
+    got = json.loads(report.read_text())
+    assert got["kept_layers"] == [0, 1, 3] and got["unwrapped_modules"] == 4 and got["layers"] == 5
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_without_its_variable_the_plugin_does_nothing(monkeypatch):
+    # SGLang calls every installed general plugin in every process: eslora's must not act (nor
+    # import SGLang's hook registry) unless the backend asked for it.
+    monkeypatch.delenv(sglang_plugin.LAYERS_ENV, raising=False)
+    modules = set(sys.modules)
+    assert sglang_plugin.register() is None
+    assert not any(name.startswith("sglang") for name in set(sys.modules) - modules)
+
+
+def test_layers_round_trip_through_the_variable():
+    assert sglang_plugin.parse_layers(sglang_plugin.format_layers([2, 0, 1, 1])) == {0, 1, 2}
+    assert sglang_plugin.format_layers(range(3)) == "0,1,2"
+
+
+def test_sglang_finds_the_plugin_through_its_entry_point_group():
+    # What sglang.srt.plugins.load_plugins_by_group("sglang.srt.plugins") iterates and loads.
+    found = {ep.name: ep for ep in entry_points(group="sglang.srt.plugins")}
+    assert "eslora_adapter_layers" in found, "pyproject.toml's entry point is not installed (pip install -e .)"
+    assert found["eslora_adapter_layers"].load() is sglang_plugin.register
