@@ -28,10 +28,12 @@ Per model, each server started once and stopped before the next (one GPU):
    model process by a custom weight loader (bench/inplace_perturb.py, 16 bytes per update), and
    as CUDA tensors built here and sent with `update_weights_from_tensor`.
 5. HF reference loop (bench_reference.py's structure), `--reference-members` run, extrapolated.
-6. eslora with `backend.sglang.adapter_layers_only` (LoRA kernels on lora.layers only, through
-   eslora's SGLang plugin), fed as in 1; its texts compared with 1's (the run-to-run agreement of
-   1 is the floor: continuous batching is not batch-invariant). Run for every model after all
-   models' parts 1-5, so it only uses what time is left (`--no-adapter-layers` skips it).
+6. eslora "lean": the levers of eslora's SGLang plugin, `backend.sglang.adapter_layers_only`
+   (LoRA kernels on lora.layers only) and `lean_adapter_loads` (loads without SGLang's
+   cache-emptying memory queries), fed as in 1; its texts compared with 1's (the run-to-run
+   agreement of 1 is the floor: continuous batching is not batch-invariant), its load seconds
+   with 1's (the loads' share of the gain). Run for every model after all models' parts 1-5, so
+   it only uses what time is left (`--no-lean` skips it).
 
 Ratios are wall-time ratios (greedy completions under different weights stop at different lengths;
 the per-token ratio is reported next to each).
@@ -87,6 +89,11 @@ def members_per_call(cfg: Any, population: int) -> int:
     batches of max_loras_per_batch (0 = one equal share per actor: with one actor, all)."""
     batches = cfg.cluster.batches_per_call
     return batches * cfg.backend.max_loras_per_batch if batches else population
+
+
+def median_load_s(summary: dict[str, Any]) -> float:
+    """Median adapter-load seconds per generation of a summary's timed runs."""
+    return median([r["load_s"] for r in summary["runs"][1:] or summary["runs"]])
 
 
 def same_share(texts: Sequence[str], reference: Sequence[str]) -> Optional[float]:
@@ -325,7 +332,7 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
                   later: Optional[list[Callable[[], None]]] = None) -> dict[str, Any]:
     """One model's object of throughput.json; `save(record)` is called after every part with the
     record so far. A ratio whose parts did not both run is None (its part holds the error).
-    The optional last part (`eslora_adapter_layers`) is appended to `later` to run once every
+    The optional last part (`eslora_lean`) is appended to `later` to run once every
     model's required parts are done (run here when `later` is None)."""
     from eslora.config import load_config
 
@@ -336,7 +343,7 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
     record: dict[str, Any] = {"model": name, "model_path": model_path, "device": device_name(),
                               "population": population, "prompts": len(prompts), "max_new_tokens": cfg.task.max_new_tokens,
                               "greedy": cfg.task.temperature == 0.0}
-    keys = ("p1_vs_best_plain", "p1_vs_same_shape", "p1_wide_vs_best_plain", "p1_adapter_layers_vs_best_plain",
+    keys = ("p1_vs_best_plain", "p1_vs_same_shape", "p1_wide_vs_best_plain", "p1_lean_vs_best_plain",
             "p2_vs_fullweight_peer", "p2_vs_hf_reference", "handoff_exposed_share")
     record.update(dict.fromkeys(keys))  # every key the issue asks for is present, measured or None
 
@@ -372,26 +379,27 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
             record["p2_vs_hf_reference"] = reference["generation_s_extrapolated"] / eslora["wall_s"]
     save(record)
 
-    def adapter_layers_part() -> None:
-        # backend.sglang.adapter_layers_only: LoRA kernels only on lora.layers (eslora's SGLang
-        # plugin); after the issue's keys, so they never wait for it
-        layers_cfg = load_config(args.config, [*overrides, "backend.sglang.adapter_layers_only=true"])
-        layers_texts: list[str] = []
-        layers = part("eslora_adapter_layers", lambda: eslora_runs(layers_cfg, model_path, prompts, members, args.repeats,
-                                                                   "eslora adapter layers", one_call=False, texts=layers_texts))
-        if layers:
-            layers["same_text_share_vs_default"] = same_share(layers_texts, default_texts)
+    def lean_part() -> None:
+        # eslora's SGLang plugin levers; after the issue's keys, so they never wait for it
+        lean_cfg = load_config(args.config, [*overrides, "backend.sglang.adapter_layers_only=true",
+                                             "backend.sglang.lean_adapter_loads=true"])
+        lean_texts: list[str] = []
+        lean = part("eslora_lean", lambda: eslora_runs(lean_cfg, model_path, prompts, members, args.repeats,
+                                                       "eslora lean", one_call=False, texts=lean_texts))
+        if lean:
+            lean["same_text_share_vs_default"] = same_share(lean_texts, default_texts)
             if plain:
-                record["adapter_layers"] = ratios(layers, plain["shapes"], "eslora_shape")
-                record["p1_adapter_layers_vs_best_plain"] = record["adapter_layers"]["p1_vs_best_plain"]
+                record["lean"] = ratios(lean, plain["shapes"], "eslora_shape")
+                record["p1_lean_vs_best_plain"] = record["lean"]["p1_vs_best_plain"]
             if eslora:
-                record["adapter_layers_speedup_vs_default"] = eslora["wall_s"] / layers["wall_s"]
+                record["lean_speedup_vs_default"] = eslora["wall_s"] / lean["wall_s"]
+                record["lean_load_s_vs_default"] = median_load_s(lean) / max(median_load_s(eslora), 1e-9)
             save(record)
 
-    if args.adapter_layers and later is not None:
-        later.append(adapter_layers_part)
-    elif args.adapter_layers:
-        adapter_layers_part()
+    if args.lean and later is not None:
+        later.append(lean_part)
+    elif args.lean:
+        lean_part()
     return record
 
 
@@ -404,8 +412,8 @@ def main() -> int:
     ap.add_argument("--peer-repeats", type=int, default=1,
                     help="the peer's timed generations after its warm-up, per way (each is 32 sequential "
                          "member generations: minutes on a 1.5B, so fewer than --repeats)")
-    ap.add_argument("--no-adapter-layers", dest="adapter_layers", action="store_false",
-                    help="skip eslora with backend.sglang.adapter_layers_only (the last part of each model)")
+    ap.add_argument("--no-lean", dest="lean", action="store_false",
+                    help="skip eslora with its SGLang plugin's levers (run after every model's other parts)")
     ap.add_argument("--reference-members", type=int, default=2, help="HF reference members run (0 = skip)")
     ap.add_argument("overrides", nargs="*", help="config key=value for every model")
     args = ap.parse_args()

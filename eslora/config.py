@@ -126,6 +126,9 @@ class SGLangConfig:
     # zeros it still multiplies); eslora's SGLang plugin, which needs eslora installed in the
     # server's Python, unwraps the rest. Adapters must then keep to lora.layers.
     adapter_layers_only: bool = False
+    # Adapter loads/unloads without SGLang's free-memory log queries, each of which empties the
+    # CUDA cache (4 per member); also eslora's SGLang plugin.
+    lean_adapter_loads: bool = False
     extra_args: list[str] = field(default_factory=list)  # passed through to launch_server
     start_timeout_s: float = 600.0
     adapter_dir: str = "/dev/shm"  # RAM-backed folder for member adapters

@@ -92,11 +92,12 @@ def test_a_failing_part_is_recorded_and_the_others_still_measured(tiny_model_pat
     import bench.bench_throughput as bt
 
     def eslora_runs(cfg, *a, texts=None, **k):
-        layers_only = cfg.backend.sglang.adapter_layers_only
-        if texts is not None:  # the last run's completions, compared between the default and layers-only parts
-            texts[:] = ["x", "y", "z", "w"] if layers_only else ["x", "y", "v", "w"]
-        wall = 5.0 if layers_only else 6.0 if cfg.backend.max_loras_per_batch == 8 else 4.0
-        return {**shape(wall, 50_000), "one_call": shape(7.0, 50_000), "handoff_exposed_share": 0.02}
+        lean = cfg.backend.sglang.adapter_layers_only and cfg.backend.sglang.lean_adapter_loads
+        if texts is not None:  # the last run's completions, compared between the default and lean parts
+            texts[:] = ["x", "y", "z", "w"] if lean else ["x", "y", "v", "w"]
+        wall = 5.0 if lean else 6.0 if cfg.backend.max_loras_per_batch == 8 else 4.0
+        runs = [{"load_s": 0.5 if lean else 2.0}] * 3
+        return {**shape(wall, 50_000), "runs": runs, "one_call": shape(7.0, 50_000), "handoff_exposed_share": 0.02}
 
     monkeypatch.setattr(bt, "eslora_runs", eslora_runs)
     monkeypatch.setattr(bt, "plain_runs", lambda *a: {"shapes": {"one_call": shape(3.0, 60_000), "eslora_shape": shape(4.0, 60_000),
@@ -121,15 +122,16 @@ def test_a_failing_part_is_recorded_and_the_others_still_measured(tiny_model_pat
     assert record["p2_vs_hf_reference"] == pytest.approx(30.0)
     assert record["eslora_one_call"]["p1_vs_same_shape"] == pytest.approx(7.0 / 5.0)  # all members in one call vs sequential
     assert record["handoff_exposed_share"] == 0.02
-    assert record["p1_adapter_layers_vs_best_plain"] == pytest.approx(5.0 / 3.0)
-    assert record["adapter_layers_speedup_vs_default"] == pytest.approx(6.0 / 5.0)
-    assert record["eslora_adapter_layers"]["same_text_share_vs_default"] == pytest.approx(0.75)
+    assert record["p1_lean_vs_best_plain"] == pytest.approx(5.0 / 3.0)
+    assert record["lean_speedup_vs_default"] == pytest.approx(6.0 / 5.0)
+    assert record["lean_load_s_vs_default"] == pytest.approx(0.25)
+    assert record["eslora_lean"]["same_text_share_vs_default"] == pytest.approx(0.75)
     assert record["model"] == "tiny" and record["command"].startswith("python3 bench/bench_throughput.py")
 
 
 def test_the_optional_part_runs_for_every_model_after_all_required_parts(tiny_model_path, tmp_path, monkeypatch):
-    """A lease that ends early must cost the optional adapter-layers measurement, not the second
-    model's required parts: the 0.5B's optional part waits until the 1.5B's parts are done."""
+    """A lease that ends early must cost the optional lean measurement, not the second model's
+    required parts: the 0.5B's optional part waits until the 1.5B's parts are done."""
     import json
     import sys
 
@@ -139,7 +141,7 @@ def test_the_optional_part_runs_for_every_model_after_all_required_parts(tiny_mo
 
     def eslora_runs(cfg, model_path, prompts, members, repeats, label, **k):
         order.append((label, cfg.model.name_or_path))
-        return {**shape(5.0 if cfg.backend.sglang.adapter_layers_only else 6.0, 50_000),
+        return {**shape(5.0 if cfg.backend.sglang.adapter_layers_only else 6.0, 50_000), "runs": [{"load_s": 1.0}] * 3,
                 "one_call": shape(7.0, 50_000), "handoff_exposed_share": 0.02}
 
     monkeypatch.setattr(bt, "eslora_runs", eslora_runs)
@@ -152,11 +154,11 @@ def test_the_optional_part_runs_for_every_model_after_all_required_parts(tiny_mo
     monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"a={first}", "--model", f"b={second}", "--no-peer",
                                       "--reference-members", "0", "es.population=8", "task.num_prompts=4"])
     assert bt.main() == 0
-    assert [label for label, _ in order] == ["eslora", "eslora wide"] * 2 + ["eslora adapter layers"] * 2
+    assert [label for label, _ in order] == ["eslora", "eslora wide"] * 2 + ["eslora lean"] * 2
     assert [path for _, path in order[-2:]] == [str(first), str(second)]
     records = json.loads((tmp_path / "throughput.json").read_text())
     assert [r["model"] for r in records] == ["a", "b"]
-    assert all(r["p1_adapter_layers_vs_best_plain"] == pytest.approx(5.0 / 3.0) for r in records)
+    assert all(r["p1_lean_vs_best_plain"] == pytest.approx(5.0 / 3.0) for r in records)
 
 
 def test_without_eslora_measured_p1_is_none_and_the_run_fails(tiny_model_path, tmp_path, monkeypatch):

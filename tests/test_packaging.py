@@ -61,7 +61,7 @@ def test_wheel_carries_license_metadata_extras_and_configs(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     # SGLang's plugin loader finds backend.sglang.adapter_layers_only's plugin only through this
-    assert "[sglang.srt.plugins]\neslora_adapter_layers = eslora.backends.sglang_plugin:register" in entry_points
+    assert "[sglang.srt.plugins]\neslora = eslora.backends.sglang_plugin:register" in entry_points
 
 
 def test_installed_wheel_trains_a_shipped_config_outside_the_clone(wheel: Path, tmp_path: Path,

@@ -315,32 +315,38 @@ def test_server_crash_mid_batch_restarts_and_gives_the_same_result(det_backend):
     assert again == reference, f"only {same}/{16 * 32} completions equal after the restart"
 
 
-def test_adapter_layers_only_serves_the_same_text(cfg, det_backend):
-    """backend.sglang.adapter_layers_only: eslora's SGLang plugin takes the LoRA kernels off the
-    layers the adapters do not train (SGLang wraps every layer and multiplies their zero-filled
-    weights). Those layers only ever added exact zeros, so with deterministic inference on both
-    servers the texts must be identical. Runs last: it stops det_backend to free the GPU."""
+def test_plugin_levers_serve_the_same_text(cfg, det_backend):
+    """eslora's SGLang plugin: `adapter_layers_only` takes the LoRA kernels off the layers the
+    adapters do not train (SGLang wraps every layer and multiplies their zero-filled weights) and
+    `lean_adapter_loads` loads and unloads without SGLang's cache-emptying memory queries. The
+    unwrapped layers only ever added exact zeros and a load's memory query changes no weight, so
+    with deterministic inference on both servers the texts must be identical. Runs last: it stops
+    det_backend to free the GPU."""
     import dataclasses
 
     from eslora.backends.base import Sampling
 
     prompts = _prompts(32)
-    members = [det_backend.random_adapter(f"l{i}", seed=300 + i, scale=0.05) for i in range(8)]
+    members = [det_backend.random_adapter(f"l{i}", seed=300 + i, scale=0.05) for i in range(16)]  # 2 batches: loads and unloads
     sampling = Sampling(max_new_tokens=64)
     reference = _texts(det_backend.generate(prompts, members, sampling))
+    det_backend.drain()
+    reference_load_s = det_backend.history[-1]["load_s"]
     det_backend.stop()
 
-    sg = dataclasses.replace(cfg.backend.sglang, deterministic=True, adapter_layers_only=True)
+    sg = dataclasses.replace(cfg.backend.sglang, deterministic=True, adapter_layers_only=True, lean_adapter_loads=True)
     backend = _make(dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, sglang=sg)))
     try:
         backend.start()
         report = backend.plugin_report
         kept = list(cfg.lora.layers)
-        print(f"\n[sglang] adapter_layers_only: {report}")
-        assert report["kept_layers"] == kept and report["layers"] > len(kept)
+        print(f"\n[sglang] plugin: {report}")
+        assert report["kept_layers"] == kept and report["layers"] > len(kept) and report["lean_loads"] is True
         assert report["unwrapped_modules"] > 0 and report["unwrapped_modules"] % (report["layers"] - len(kept)) == 0
         again = _texts(backend.generate(prompts, members, sampling))
+        backend.drain()
+        print(f"[sglang] 16 adapters loaded in {reference_load_s:.3f} s, {backend.history[-1]['load_s']:.3f} s lean")
     finally:
         backend.stop()
     same = sum(x == y for r, a in zip(reference, again) for x, y in zip(r, a))
-    assert again == reference, f"only {same}/{8 * 32} completions equal with LoRA kernels on lora.layers only"
+    assert again == reference, f"only {same}/{16 * 32} completions equal with the plugin's levers on"

@@ -225,16 +225,21 @@ def test_server_sees_the_users_environment_offline_only_when_set(stand_in, monke
     assert server_env(offline)["HF_HUB_OFFLINE"] == "1", "the user's choice passes through"
 
 
-def test_adapter_layers_only_without_eslora_in_the_servers_python_fails_at_start(stand_in):
+def test_plugin_keys_without_eslora_in_the_servers_python_fail_at_start(stand_in):
     # The stand-in is not SGLang: no plugin runs in it, as in a server Python without eslora.
     backend = stand_in("lora.layers=[0,1]", "backend.sglang.adapter_layers_only=true")
     assert backend._env()[sglang_plugin.LAYERS_ENV] == "0,1"
-    with pytest.raises(BackendError, match="adapter_layers_only=true(.|\n)*entry point sglang.srt.plugins"):
+    with pytest.raises(BackendError, match="adapter_layers_only=true(.|\n)*entry point `eslora` of the group sglang.srt.plugins"):
         backend.start()
     assert backend.server is None, "a server that failed its start-up check must not keep running"
+    lean = stand_in("backend.sglang.lean_adapter_loads=true")
+    env = lean._env()
+    assert env[sglang_plugin.LEAN_LOADS_ENV] == "1" and sglang_plugin.LAYERS_ENV not in env
+    with pytest.raises(BackendError, match="^backend.sglang.lean_adapter_loads=true, but eslora's SGLang plugin did not run"):
+        lean.start()
     plain = stand_in("lora.layers=[0,1]")
-    assert sglang_plugin.LAYERS_ENV not in plain._env()
-    plain.start()  # without the key nothing is asked of the server's Python
+    assert not {sglang_plugin.LAYERS_ENV, sglang_plugin.LEAN_LOADS_ENV, sglang_plugin.REPORT_ENV} & set(plain._env())
+    plain.start()  # without the keys nothing is asked of the server's Python
 
 
 def test_adapter_layers_only_refuses_adapters_the_server_would_mis_serve():

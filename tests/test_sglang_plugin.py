@@ -1,7 +1,7 @@
-"""eslora's SGLang plugin (backend.sglang.adapter_layers_only) on CPU: the unwrapping on a torch
-model built the way SGLang's LoRA manager leaves it, the report, and the entry point SGLang's
-plugin loader finds. The hook inside a real SGLang server is tested on the GPU
-(tests/test_sglang_gpu.py::test_adapter_layers_only_serves_the_same_text)."""
+"""eslora's SGLang plugin (backend.sglang.adapter_layers_only, lean_adapter_loads) on CPU: the
+unwrapping on a torch model built the way SGLang's LoRA manager leaves it, the report, and the
+entry point SGLang's plugin loader finds. The hook inside a real SGLang server is tested on the GPU
+(tests/test_sglang_gpu.py::test_plugin_levers_serve_the_same_text)."""
 
 from __future__ import annotations
 
@@ -77,10 +77,26 @@ def test_the_hook_unwraps_and_reports_what_it_kept(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_without_its_variable_the_plugin_does_nothing(monkeypatch):
+def test_lean_loads_alone_keep_every_layer_and_say_so(tmp_path, monkeypatch):
+    model, table = wrapped_model(3)
+    report = tmp_path / "report.json"
+    monkeypatch.delenv(sglang_plugin.LAYERS_ENV, raising=False)
+    monkeypatch.setenv(sglang_plugin.LEAN_LOADS_ENV, "1")
+    monkeypatch.setenv(sglang_plugin.REPORT_ENV, str(report))
+    sglang_plugin._after_init_lora_modules(None, SimpleNamespace(base_model=model, lora_modules=table))
+    got = json.loads(report.read_text())
+    assert got["kept_layers"] == [0, 1, 2] and got["unwrapped_modules"] == 0 and got["lean_loads"] is True
+    # the replacements do the load itself, LoRAManager's _load_lora_adapter / _unload_lora_adapter
+    manager = SimpleNamespace(_load_lora_adapter=lambda ref: ("loaded", ref), _unload_lora_adapter=lambda ref: ("unloaded", ref))
+    assert sglang_plugin.load_without_memory_queries(manager, "r") == ("loaded", "r")
+    assert sglang_plugin.unload_without_memory_queries(manager, "r") == ("unloaded", "r")
+
+
+def test_without_its_variables_the_plugin_does_nothing(monkeypatch):
     # SGLang calls every installed general plugin in every process: eslora's must not act (nor
     # import SGLang's hook registry) unless the backend asked for it.
     monkeypatch.delenv(sglang_plugin.LAYERS_ENV, raising=False)
+    monkeypatch.setenv(sglang_plugin.LEAN_LOADS_ENV, "0")
     modules = set(sys.modules)
     assert sglang_plugin.register() is None
     assert not any(name.startswith("sglang") for name in set(sys.modules) - modules)
@@ -94,5 +110,5 @@ def test_layers_round_trip_through_the_variable():
 def test_sglang_finds_the_plugin_through_its_entry_point_group():
     # What sglang.srt.plugins.load_plugins_by_group("sglang.srt.plugins") iterates and loads.
     found = {ep.name: ep for ep in entry_points(group="sglang.srt.plugins")}
-    assert "eslora_adapter_layers" in found, "pyproject.toml's entry point is not installed (pip install -e .)"
-    assert found["eslora_adapter_layers"].load() is sglang_plugin.register
+    assert "eslora" in found, "pyproject.toml's entry point is not installed (pip install -e .)"
+    assert found["eslora"].load() is sglang_plugin.register

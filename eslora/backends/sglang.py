@@ -125,7 +125,7 @@ class SGLangBackend(ServerBackend):
         self._claimed_idle: list[tuple[float, float]] = []
         self._shapes: Optional[dict[str, tuple[int, ...]]] = None
         self._warned_graph_limit = False
-        self.plugin_report: Optional[dict[str, Any]] = None  # what eslora's SGLang plugin did (adapter_layers_only)
+        self.plugin_report: Optional[dict[str, Any]] = None  # what eslora's SGLang plugin did, if asked
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -151,32 +151,42 @@ class SGLangBackend(ServerBackend):
     def _plugin_report(self) -> Path:
         return self.adapter_root / "sglang_plugin.json"
 
+    @property
+    def plugin_keys(self) -> list[str]:
+        """The config keys that need eslora's SGLang plugin in the server, as set."""
+        return [f"backend.sglang.{key}=true" for key in ("adapter_layers_only", "lean_adapter_loads")
+                if getattr(self.sg, key) and (key != "adapter_layers_only" or self.kept_layers is not None)]
+
     def _env(self) -> dict[str, str]:
         env = super()._env()
         if self.kept_layers is not None:
             env[sglang_plugin.LAYERS_ENV] = sglang_plugin.format_layers(self.kept_layers)
+        if self.sg.lean_adapter_loads:
+            env[sglang_plugin.LEAN_LOADS_ENV] = "1"
+        if self.plugin_keys:
             env[sglang_plugin.REPORT_ENV] = str(self._plugin_report)
         return env
 
     def _check_plugin(self) -> None:
-        """adapter_layers_only: the plugin must have unwrapped the other layers in this server."""
+        """The plugin must have done, in this server, what the config asked of it."""
         try:
             report = json.loads(self._plugin_report.read_text())
         except (OSError, ValueError):
             raise BackendError(
-                "backend.sglang.adapter_layers_only=true, but eslora's SGLang plugin did not run in the server "
+                f"{' and '.join(self.plugin_keys)}, but eslora's SGLang plugin did not run in the server "
                 f"({self._plugin_report} was not written): install eslora in the server's Python "
                 f"(backend.sglang.python={self.sg.python or sys.executable!r}; `pip install -e .` registers the "
-                "entry point sglang.srt.plugins: eslora_adapter_layers), and do not leave it out of SGLANG_PLUGINS"
+                "entry point `eslora` of the group sglang.srt.plugins), and do not leave it out of SGLANG_PLUGINS"
             ) from None
-        expected = [i for i in self.kept_layers or () if i < report["layers"]]
-        if report["kept_layers"] != expected:
-            raise BackendError(f"eslora's SGLang plugin kept LoRA on layers {report['kept_layers']}, "
-                               f"expected lora.layers {expected}")
+        expected = [i for i in self.kept_layers or range(report["layers"]) if i < report["layers"]]
+        if report["kept_layers"] != expected or report["lean_loads"] != self.sg.lean_adapter_loads:
+            raise BackendError(f"eslora's SGLang plugin kept LoRA on layers {report['kept_layers']} with lean loads "
+                               f"{report['lean_loads']}; the config asked for layers {expected}, lean loads "
+                               f"{self.sg.lean_adapter_loads}")
         self.plugin_report = report
 
     def _on_started(self) -> None:
-        if self.kept_layers is not None:
+        if self.plugin_keys:
             self._check_plugin()
         if self._dummy:
             self._post(self.unload_path, {"lora_name": "dummy"})
