@@ -217,3 +217,30 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path):
         holder.communicate("", timeout=30)
     with RunFolder(folder, resume=True):  # released when its process ended
         pass
+
+
+def test_the_curve_draws_the_base_models_held_out_accuracy_across_the_run(tmp_path, monkeypatch):
+    # The learning goal is measured against the base model, so the accuracy panel carries it as a
+    # line over every generation, labelled with its value.
+    import json
+
+    from matplotlib.figure import Figure
+
+    from eslora.metrics import plot
+
+    rows = [{"generation": g, "reward_mean": 0.1 * g, "reward_min": 0.0, "reward_max": 0.2 * g, "answer_mean": 0.05 * g}
+            for g in range(4)]
+    rows[0].update(eval_initial_answer=0.016, eval_initial_reward=0.05)
+    rows[3].update(eval_answer=0.12, eval_reward=0.2)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    saved = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1])
+    assert plot(metrics, tmp_path / "curve.png") == tmp_path / "curve.png" and (tmp_path / "curve.png").stat().st_size > 0
+    accuracy_panel = saved[0].axes[1]
+    lines = {line.get_label(): line for line in accuracy_panel.get_lines()}
+    base = lines["base model, held-out (1.6 %)"]
+    assert list(base.get_ydata()) == [1.6, 1.6] and base.get_linestyle() == "--"
+    held_out = lines["held-out accuracy (mean adapter, greedy)"]
+    assert list(held_out.get_xdata()) == [0, 4] and list(held_out.get_ydata()) == [1.6, 12.0]
