@@ -138,7 +138,7 @@ def eslora_runs(cfg: Any, model_path: str, prompts: list[str], members: list, re
       issue 14's first measurement used: 6.09 s on the 0.5B), unless `one_call` is false.
     `same_text_share_run_to_run`: the last two fed runs' completions that agree (greedy, but
     continuous batching is not batch-invariant: the noise floor of a text comparison); `texts`,
-    if given, gets the last fed run's completions (with `reference_texts`: compared with them)."""
+    if given, gets the last fed run's completions (for a comparison with another part's)."""
     from eslora.backends import make_backend
     from eslora.backends.base import Sampling
     from eslora.lora import LoraSpec
@@ -345,7 +345,7 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
                               "greedy": cfg.task.temperature == 0.0}
     keys = ("p1_vs_best_plain", "p1_vs_same_shape", "p1_wide_vs_best_plain", "p1_lean_vs_best_plain",
             "p2_vs_fullweight_peer", "p2_vs_hf_reference", "handoff_exposed_share")
-    record.update(dict.fromkeys(keys))  # every key the issue asks for is present, measured or None
+    record.update(dict.fromkeys(keys))  # every ratio key (the issue's among them) is present, measured or None
 
     def part(key: str, fn: Callable[[], Any]) -> Any:
         return measured_part(record, key, fn, lambda: save(record))

@@ -12,7 +12,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 # eslora runs from this tree, not installed, so SGLang's plugin loader would not find eslora's
-# plugin (backend.sglang.adapter_layers_only): its entry points from pyproject.toml go into
+# plugin (backend.sglang.adapter_layers_only, lean_adapter_loads): its entry points from pyproject.toml go into
 # /tmp/site as a distribution's metadata, which importlib.metadata reads from PYTHONPATH.
 python3 - <<'PY' || exit 1
 import pathlib, tomllib
