@@ -56,10 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, device_name, generation_inputs, median, out_path, versions  # noqa: E402
 
 
+def timed_median(runs: Sequence[dict[str, Any]], key: str) -> float:
+    """Median of `key` over the timed runs (the first run is the warm-up and is dropped)."""
+    return median([r[key] for r in list(runs[1:]) or list(runs)])
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Median wall and tokens of the timed runs (the first run is the warm-up and is dropped)."""
-    timed = list(runs[1:]) or list(runs)
-    wall, tokens = median([r["wall_s"] for r in timed]), median([r["tokens"] for r in timed])
+    """Median wall and tokens of the timed runs."""
+    wall, tokens = timed_median(runs, "wall_s"), timed_median(runs, "tokens")
     return {"wall_s": wall, "tokens": tokens, "s_per_token": wall / max(tokens, 1), "runs": list(runs)}
 
 
@@ -89,11 +93,6 @@ def members_per_call(cfg: Any, population: int) -> int:
     batches of max_loras_per_batch (0 = one equal share per actor: with one actor, all)."""
     batches = cfg.cluster.batches_per_call
     return batches * cfg.backend.max_loras_per_batch if batches else population
-
-
-def median_load_s(summary: dict[str, Any]) -> float:
-    """Median adapter-load seconds per generation of a summary's timed runs."""
-    return median([r["load_s"] for r in summary["runs"][1:] or summary["runs"]])
 
 
 def same_share(texts: Sequence[str], reference: Sequence[str]) -> Optional[float]:
@@ -149,21 +148,21 @@ def eslora_runs(cfg: Any, model_path: str, prompts: list[str], members: list, re
     per_call = members_per_call(cfg, len(members))
     try:
         backend.start()
-        last: list[list[str]] = [[], []]
+        run_texts: list[list[str]] = []  # each fed run's completions
 
         def fed() -> dict[str, Any]:
-            last.append(last.pop(0))  # the previous run's texts move to last[0]
-            return fed_generation(backend, prompts, members, sampling, per_call, cfg.cluster.calls_in_flight, last[1])
+            run_texts.append([])
+            return fed_generation(backend, prompts, members, sampling, per_call, cfg.cluster.calls_in_flight, run_texts[-1])
 
         out = summarize(timed_runs(fed, repeats, label))
-        out["same_text_share_run_to_run"] = same_share(last[1], last[0])
+        out["same_text_share_run_to_run"] = same_share(run_texts[-1], run_texts[-2] if len(run_texts) > 1 else [])
         if texts is not None:
-            texts[:] = last[1]
+            texts[:] = run_texts[-1]
         if one_call:
             out["one_call"] = summarize(timed_runs(lambda: fed_generation(backend, prompts, members, sampling, len(members), 1),
                                                    repeats, f"{label} one call"))
         out["server_start_s"] = backend.start_seconds[0]
-        out["handoff_exposed_share"] = median([r["handoff_share"] for r in out["runs"][1:] or out["runs"]])
+        out["handoff_exposed_share"] = timed_median(out["runs"], "handoff_share")
         out["max_loras_per_batch"] = slots
         out["cuda_graph_max_bs"] = cfg.backend.sglang.cuda_graph_max_bs
         out["calls_in_flight"] = cfg.cluster.calls_in_flight
@@ -393,7 +392,8 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
                 record["p1_lean_vs_best_plain"] = record["lean"]["p1_vs_best_plain"]
             if eslora:
                 record["lean_speedup_vs_default"] = eslora["wall_s"] / lean["wall_s"]
-                record["lean_load_s_vs_default"] = median_load_s(lean) / max(median_load_s(eslora), 1e-9)
+                record["lean_load_s_vs_default"] = (timed_median(lean["runs"], "load_s")
+                                                    / max(timed_median(eslora["runs"], "load_s"), 1e-9))
             save(record)
 
     if args.lean and later is not None:

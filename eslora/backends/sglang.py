@@ -328,15 +328,17 @@ class SGLangBackend(ServerBackend):
         """Seconds of [start, end] during which no /generate request of this backend ran (the
         server idle, whatever the number of calls in flight: a generation's exposed hand-off)."""
         with self._lock:
-            busy = [(a, b if b is not None else end) for a, b in self._generating]
-        return uncovered(start, end, busy)
+            return uncovered(start, end, self._busy_until(end))
+
+    def _busy_until(self, end: float) -> list[tuple[float, float]]:
+        """The recent /generate intervals, a running one as if it ended at `end` (hold _lock)."""
+        return [(a, b if b is not None else end) for a, b in self._generating]
 
     def claim_idle_seconds(self, start: float, end: float) -> float:
         """`idle_seconds(start, end)` less the idle time another call already counted, which this
         call now counts: summed over concurrent calls, the server's idle time, never twice."""
         with self._lock:
-            busy = [(a, b if b is not None else end) for a, b in self._generating]
-            gaps = uncovered_spans(start, end, busy + self._claimed_idle)
+            gaps = uncovered_spans(start, end, self._busy_until(end) + self._claimed_idle)
             self._claimed_idle = [iv for iv in self._claimed_idle if iv[1] > end - 600] + gaps
         return sum(b - a for a, b in gaps)
 
