@@ -28,12 +28,17 @@ Per model, each server started once and stopped before the next (one GPU):
    model process by a custom weight loader (bench/inplace_perturb.py, 16 bytes per update), and
    as CUDA tensors built here and sent with `update_weights_from_tensor`.
 5. HF reference loop (bench_reference.py's structure), `--reference-members` run, extrapolated.
-6. eslora "lean": the levers of eslora's SGLang plugin, `backend.sglang.adapter_layers_only`
+6. Variants (`--variant 'NAME KEY=VALUE ...'`, repeatable): eslora with config overrides, fed as
+   in 1; each one's texts compared with 1's (the run-to-run agreement of 1 is the floor:
+   continuous batching is not batch-invariant), its wall and load seconds with 1's. Without
+   `--variant`, one: "lean", the levers of eslora's SGLang plugin, `backend.sglang.adapter_layers_only`
    (LoRA kernels on lora.layers only) and `lean_adapter_loads` (loads without SGLang's
-   cache-emptying memory queries), fed as in 1; its texts compared with 1's (the run-to-run
-   agreement of 1 is the floor: continuous batching is not batch-invariant), its load seconds
-   with 1's (the loads' share of the gain). Run for every model after all models' parts 1-5, so
-   it only uses what time is left (`--no-lean` skips it).
+   cache-emptying memory queries). Run for every model after all models' parts 1-5, so they
+   only use what time is left (`--no-variants` skips them).
+
+`--skip wide plain peer reference` leaves out parts 2-5 (a lease that measures levers only).
+Every timed run is written to throughput.json as it ends (`in_progress` and `runs_so_far` in the
+part's place until the part is done), so a lease cut mid-part keeps what that part measured.
 
 Ratios are wall-time ratios (greedy completions under different weights stop at different lengths;
 the per-token ratio is reported next to each).
@@ -44,6 +49,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shlex
 import sys
 import time
 import traceback
@@ -80,11 +86,24 @@ def ratios(eslora: dict[str, Any], plain: dict[str, dict[str, Any]], same_shape:
     }
 
 
+def _no_progress(label: str, run: dict[str, Any]) -> None:
+    pass
+
+
+_on_run: Callable[[str, dict[str, Any]], None] = _no_progress  # set by measured_part while a part runs
+
+
+def report_run(label: str, run: dict[str, Any], warm_up: bool = False) -> None:
+    """Print one timed run and hand it to the running part's progress record."""
+    print(f"[{label}{' warm-up' if warm_up else ''}] {run['wall_s']:.3f} s, {run['tokens']} tokens", flush=True)
+    _on_run(label + (" warm-up" if warm_up else ""), run)
+
+
 def timed_runs(fn: Callable[[], dict[str, Any]], repeats: int, label: str) -> list[dict[str, Any]]:
     runs = []
     for i in range(repeats + 1):
         runs.append(fn())
-        print(f"[{label} {i}{' warm-up' if i == 0 else ''}] {runs[-1]['wall_s']:.3f} s, {runs[-1]['tokens']} tokens", flush=True)
+        report_run(f"{label} {i}", runs[-1], warm_up=i == 0)
     return runs
 
 
@@ -307,9 +326,10 @@ def fullweight_peer(cfg: Any, model_path: str, prompts: list[str], sigma: float,
             # the warm-up is one member (the same update, generate and restore path), not a whole
             # population: 32 sequential member generations are minutes on the 1.5B, in a lease
             runs = [generation(perturb, restore, members=1)]
+            report_run(f"full-weight peer {way} 1 member", runs[0], warm_up=True)
             for i in range(max(repeats, 1)):
                 runs.append(generation(perturb, restore))
-                print(f"[full-weight peer {way} {i + 1}] {runs[-1]['wall_s']:.3f} s, {runs[-1]['tokens']} tokens", flush=True)
+                report_run(f"full-weight peer {way} {i + 1}", runs[-1])
             out[way] = summarize(runs)
         out["fastest"] = min(ways, key=lambda way: out[way]["wall_s"])
         out["wall_s"] = out[out["fastest"]]["wall_s"]
@@ -322,61 +342,81 @@ def fullweight_peer(cfg: Any, model_path: str, prompts: list[str], sigma: float,
 def measured_part(record: dict[str, Any], key: str, fn: Callable[[], Any], save: Callable[[], None]) -> Any:
     """record[key] = fn(), or {"error": ...} if it raised: one part failing on the GPU (a server
     that does not start, an engine API that differs) must not cost the parts already measured or
-    the ones after it, in a lease that cannot be repeated cheaply. Saves the record after each part."""
+    the ones after it, in a lease that cannot be repeated cheaply. While it runs, record[key] holds
+    its timed runs so far, saved after each; the record is saved again when the part ends."""
+    global _on_run
+    progress: dict[str, Any] = {"in_progress": True, "runs_so_far": []}
+    record[key] = progress
+
+    def on_run(label: str, run: dict[str, Any]) -> None:
+        progress["runs_so_far"].append({"label": label, **{k: v for k, v in run.items() if not isinstance(v, (dict, list))}})
+        save()
+
+    _on_run = on_run
     try:
         record[key] = fn()
     except Exception as err:  # noqa: BLE001 - any failure of a part is recorded, then the next runs
-        record[key] = {"error": f"{type(err).__name__}: {err}"[:2000],
+        record[key] = {"error": f"{type(err).__name__}: {err}"[:2000], "runs_so_far": progress["runs_so_far"],
                        "traceback": traceback.format_exc(limit=8)[-4000:]}
         print(f"[throughput] part {key!r} failed: {record[key]['error']}", flush=True)
+    finally:
+        _on_run = _no_progress
     save()
     return None if "error" in record[key] else record[key]
+
+
+LEAN = ["backend.sglang.adapter_layers_only=true", "backend.sglang.lean_adapter_loads=true"]
+OPTIONAL_PARTS = ("wide", "plain", "peer", "reference")
 
 
 def measure_model(name: str, model_path: str, args: argparse.Namespace,
                   save: Callable[[dict[str, Any]], None] = lambda record: None,
                   later: Optional[list[Callable[[], None]]] = None) -> dict[str, Any]:
-    """One model's object of throughput.json; `save(record)` is called after every part with the
-    record so far. A ratio whose parts did not both run is None (its part holds the error).
-    The optional last part (`eslora_lean`) is appended to `later` to run once every
-    model's required parts are done (run here when `later` is None)."""
+    """One model's object of throughput.json; `save(record)` is called after every part (and
+    every timed run) with the record so far. A ratio whose parts did not both run is None (its
+    part holds the error). The variants (record["variants"][name]) are appended to `later`, to
+    run once every model's other parts are done (run here when `later` is None)."""
     from eslora.config import load_config
 
     overrides = [f"model.name_or_path={model_path}", *args.overrides]
     cfg = load_config(args.config, overrides)
+    variant_cfgs = {vname: load_config(args.config, [*overrides, *extra]) for vname, extra in args.variants}  # bad keys fail now
     prompts, members, _, _ = generation_inputs(cfg, model_path)
     population = len(members)
     record: dict[str, Any] = {"model": name, "model_path": model_path, "device": device_name(),
                               "population": population, "prompts": len(prompts), "max_new_tokens": cfg.task.max_new_tokens,
                               "greedy": cfg.task.temperature == 0.0}
-    keys = ("p1_vs_best_plain", "p1_vs_same_shape", "p1_wide_vs_best_plain", "p1_lean_vs_best_plain",
+    keys = ("p1_vs_best_plain", "p1_vs_same_shape", "p1_wide_vs_best_plain",
             "p2_vs_fullweight_peer", "p2_vs_hf_reference", "handoff_exposed_share")
     record.update(dict.fromkeys(keys))  # every ratio key (the issue's among them) is present, measured or None
 
-    def part(key: str, fn: Callable[[], Any]) -> Any:
-        return measured_part(record, key, fn, lambda: save(record))
+    def part(key: str, fn: Callable[[], Any], into: Optional[dict[str, Any]] = None) -> Any:
+        return measured_part(record if into is None else into, key, fn, lambda: save(record))
 
+    skip = set(args.skip)
     default_texts: list[str] = []
     eslora = part("eslora", lambda: eslora_runs(cfg, model_path, prompts, members, args.repeats, "eslora", texts=default_texts))
-    wide_bs = population * len(prompts)
-    wide_cfg = load_config(args.config, [*overrides, f"backend.max_loras_per_batch={population}",
-                                         f"backend.sglang.cuda_graph_max_bs={wide_bs}"])
-    wide = part("eslora_wide", lambda: eslora_runs(wide_cfg, model_path, prompts, members, args.repeats, "eslora wide",
-                                                   one_call=False))  # all members in one call already
-    plain = part("plain", lambda: plain_runs(cfg, model_path, prompts, args.repeats))
     if eslora:
         record["handoff_exposed_share"] = eslora["handoff_exposed_share"]
+    wide = plain = None
+    if "wide" not in skip:
+        wide_cfg = load_config(args.config, [*overrides, f"backend.max_loras_per_batch={population}",
+                                             f"backend.sglang.cuda_graph_max_bs={population * len(prompts)}"])
+        wide = part("eslora_wide", lambda: eslora_runs(wide_cfg, model_path, prompts, members, args.repeats, "eslora wide",
+                                                       one_call=False))  # all members in one call already
+    if "plain" not in skip:
+        plain = part("plain", lambda: plain_runs(cfg, model_path, prompts, args.repeats))
     if plain and eslora:
         record.update(ratios(eslora, plain["shapes"], "eslora_shape"))
         record["eslora_one_call"] = ratios(eslora["one_call"], plain["shapes"], "sequential_calls")
     if plain and wide:
         record["wide"] = ratios(wide, plain["shapes"], "one_call")
         record["p1_wide_vs_best_plain"] = record["wide"]["p1_vs_best_plain"]
-    if args.peer:
+    if "peer" not in skip:
         peer = part("fullweight_peer", lambda: fullweight_peer(cfg, model_path, prompts, cfg.es.sigma, args.peer_repeats))
         if peer and eslora:
             record["p2_vs_fullweight_peer"] = peer["wall_s"] / eslora["wall_s"]
-    if args.reference_members:
+    if args.reference_members and "reference" not in skip:
         from bench.bench_reference import reference_generation
 
         reference = part("hf_reference", lambda: reference_generation(
@@ -385,29 +425,45 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
             record["p2_vs_hf_reference"] = reference["generation_s_extrapolated"] / eslora["wall_s"]
     save(record)
 
-    def lean_part() -> None:
-        # eslora's SGLang plugin levers; after the issue's keys, so they never wait for it
-        lean_cfg = load_config(args.config, [*overrides, "backend.sglang.adapter_layers_only=true",
-                                             "backend.sglang.lean_adapter_loads=true"])
-        lean_texts: list[str] = []
-        lean = part("eslora_lean", lambda: eslora_runs(lean_cfg, model_path, prompts, members, args.repeats,
-                                                       "eslora lean", one_call=False, texts=lean_texts))
-        if lean:
-            lean["same_text_share_vs_default"] = same_share(lean_texts, default_texts)
-            if plain:
-                record["lean"] = ratios(lean, plain["shapes"], "eslora_shape")
-                record["p1_lean_vs_best_plain"] = record["lean"]["p1_vs_best_plain"]
-            if eslora:
-                record["lean_speedup_vs_default"] = eslora["wall_s"] / lean["wall_s"]
-                record["lean_load_s_vs_default"] = (timed_median(lean["runs"], "load_s")
-                                                    / max(timed_median(eslora["runs"], "load_s"), 1e-9))
-            save(record)
+    def variant_part(vname: str, extra: list[str]) -> None:
+        variants = record.setdefault("variants", {})
+        texts: list[str] = []
+        out = part(vname, lambda: eslora_runs(variant_cfgs[vname], model_path, prompts, members, args.repeats,
+                                              f"eslora {vname}", one_call=False, texts=texts), into=variants)
+        if not out:
+            return
+        out["overrides"] = extra
+        out["same_text_share_vs_default"] = same_share(texts, default_texts)
+        if plain:
+            out.update(ratios(out, plain["shapes"], "eslora_shape"))
+        if eslora:
+            out["speedup_vs_default"] = eslora["wall_s"] / out["wall_s"]
+            out["load_s_vs_default"] = timed_median(out["runs"], "load_s") / max(timed_median(eslora["runs"], "load_s"), 1e-9)
+        save(record)
 
-    if args.lean and later is not None:
-        later.append(lean_part)
-    elif args.lean:
-        lean_part()
+    for vname, extra in args.variants:
+        task = (lambda vname=vname, extra=extra: variant_part(vname, extra))
+        if later is None:
+            task()
+        else:
+            later.append(task)
     return record
+
+
+def parse_variants(raw: Optional[list[str]], enabled: bool) -> list[tuple[str, list[str]]]:
+    """Each --variant 'NAME KEY=VALUE ...' as (name, overrides); the lean levers when none is given."""
+    if not enabled:
+        return []
+    if not raw:
+        return [("lean", LEAN)]
+    variants = []
+    for name, *extra in (shlex.split(text) or [""] for text in raw):
+        if "=" in name or not extra or not all("=" in kv for kv in extra):
+            raise ValueError(f"--variant takes a NAME and then KEY=VALUE overrides, got {[name, *extra]}")
+        variants.append((name, extra))
+    if len({name for name, _ in variants}) != len(variants):
+        raise ValueError(f"--variant names must differ: {[name for name, _ in variants]}")
+    return variants
 
 
 def main() -> int:
@@ -415,18 +471,26 @@ def main() -> int:
     ap.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help="a model to measure (repeatable)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "countdown_sglang.yaml"))
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up, per measurement")
-    ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip the full-weight engine peer")
+    ap.add_argument("--skip", nargs="+", default=[], choices=OPTIONAL_PARTS,
+                    help="parts to leave out (eslora itself always runs: the variants compare with it)")
     ap.add_argument("--peer-repeats", type=int, default=1,
                     help="the peer's timed generations after its one-member warm-up, per way (each is 32 "
                          "sequential member generations: minutes on a 1.5B, so fewer than --repeats)")
-    ap.add_argument("--no-lean", dest="lean", action="store_false",
-                    help="skip eslora with its SGLang plugin's levers (run after every model's other parts)")
+    ap.add_argument("--variant", action="append", metavar="'NAME KEY=VALUE ...'",
+                    help="eslora with these config overrides (one quoted argument, so the trailing overrides "
+                         "stay the run's), after every model's other parts; repeatable; default: 'lean "
+                         + " ".join(LEAN) + "'")
+    ap.add_argument("--no-variants", dest="with_variants", action="store_false", help="run no variant")
     ap.add_argument("--reference-members", type=int, default=2, help="HF reference members run (0 = skip)")
     ap.add_argument("overrides", nargs="*", help="config key=value for every model")
     args = ap.parse_args()
     models = [m.split("=", 1) for m in args.model]
     if any(len(m) != 2 for m in models):
         ap.error("--model takes NAME=PATH")
+    try:
+        args.variants = parse_variants(args.variant, args.with_variants)
+    except ValueError as err:
+        ap.error(str(err))
     command = "python3 bench/bench_throughput.py " + " ".join(sys.argv[1:])
     records: list[dict[str, Any]] = []
     target = out_path("throughput.json")
@@ -439,11 +503,11 @@ def main() -> int:
         if target:
             Path(target).write_text(json.dumps(records, indent=1, default=str))
 
-    later: list[Callable[[], None]] = []  # optional parts, once every model has its required ones
+    later: list[Callable[[], None]] = []  # the variants, once every model has its other parts
     for name, path in models:
         measure_model(name, path, args, save, later)
-    for optional_part in later:
-        optional_part()
+    for variant in later:
+        variant()
     for record in records:
         print(json.dumps({k: v for k, v in record.items() if not isinstance(v, dict)}, indent=1, default=str), flush=True)
     return 0 if all(record.get("p1_vs_best_plain") is not None for record in records) else 1

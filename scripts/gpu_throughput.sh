@@ -9,8 +9,10 @@
 # `model05` converts the 0.5B next to the kit's /tmp/model (the 1.5B) with the kit's own
 # setup_on_gpu.sh (GGUF -> bf16 HF folder and its config fixes), then moves it to /tmp/model05.
 # `start` copies the tree to /tmp/proj and runs there under setsid (a carried path is replaced on
-# every call); throughput.json is rewritten after every part of every model (a part that fails is
-# recorded with its error and the next one runs), so `wait` always hands back what was measured.
+# every call); throughput.json is rewritten after every timed run of every part (a part that fails
+# is recorded with its error and the next one runs), so `wait` always hands back what was measured,
+# with the servers' logs as server_logs.tar.gz. Without /tmp/model05, the 1.5B only, e.g. a lease
+# for levers: start --skip wide plain peer reference --variant 'triton backend.sglang.lora_backend=triton'.
 set -uo pipefail
 source scripts/gpu_env.sh
 action=${1:?usage: gpu_throughput.sh model05 | start [args] | wait SECONDS}; shift
@@ -43,6 +45,8 @@ case "$action" in
     done
     pgrep -f bench_throughput.py >/dev/null && echo "still running" || { echo "finished"; tail -n 40 "$LOG"; }
     cp "$LOG" "$OUT/throughput.log"; cp "$RESULTS"/*.json "$OUT/" 2>/dev/null
+    # the servers' logs (decode batch sizes, queue lengths) in one file: a call hands back few files
+    ls /tmp/eslora-sglang-*.log >/dev/null 2>&1 && tar czf "$OUT/server_logs.tar.gz" -C /tmp $(cd /tmp && ls eslora-sglang-*.log)
     ls -la "$OUT"
     ;;
   *)

@@ -122,16 +122,17 @@ def test_a_failing_part_is_recorded_and_the_others_still_measured(tiny_model_pat
     assert record["p2_vs_hf_reference"] == pytest.approx(30.0)
     assert record["eslora_one_call"]["p1_vs_same_shape"] == pytest.approx(7.0 / 5.0)  # all members in one call vs sequential
     assert record["handoff_exposed_share"] == 0.02
-    assert record["p1_lean_vs_best_plain"] == pytest.approx(5.0 / 3.0)
-    assert record["lean_speedup_vs_default"] == pytest.approx(6.0 / 5.0)
-    assert record["lean_load_s_vs_default"] == pytest.approx(0.25)
-    assert record["eslora_lean"]["same_text_share_vs_default"] == pytest.approx(0.75)
+    lean = record["variants"]["lean"]  # the default variant: eslora's SGLang plugin levers
+    assert lean["overrides"] == bt.LEAN and lean["p1_vs_best_plain"] == pytest.approx(5.0 / 3.0)
+    assert lean["speedup_vs_default"] == pytest.approx(6.0 / 5.0)
+    assert lean["load_s_vs_default"] == pytest.approx(0.25)
+    assert lean["same_text_share_vs_default"] == pytest.approx(0.75)
     assert record["model"] == "tiny" and record["command"].startswith("python3 bench/bench_throughput.py")
 
 
-def test_the_optional_part_runs_for_every_model_after_all_required_parts(tiny_model_path, tmp_path, monkeypatch):
-    """A lease that ends early must cost the optional lean measurement, not the second model's
-    required parts: the 0.5B's optional part waits until the 1.5B's parts are done."""
+def test_the_variants_run_for_every_model_after_all_required_parts(tiny_model_path, tmp_path, monkeypatch):
+    """A lease that ends early must cost the optional variants, not the second model's required
+    parts: the 0.5B's variants wait until the 1.5B's parts are done."""
     import json
     import sys
 
@@ -151,14 +152,14 @@ def test_the_optional_part_runs_for_every_model_after_all_required_parts(tiny_mo
     first, second = tmp_path / "first", tmp_path / "second"
     first.symlink_to(tiny_model_path)
     second.symlink_to(tiny_model_path)
-    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"a={first}", "--model", f"b={second}", "--no-peer",
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"a={first}", "--model", f"b={second}", "--skip", "peer",
                                       "--reference-members", "0", "es.population=8", "task.num_prompts=4"])
     assert bt.main() == 0
     assert [label for label, _ in order] == ["eslora", "eslora wide"] * 2 + ["eslora lean"] * 2
     assert [path for _, path in order[-2:]] == [str(first), str(second)]
     records = json.loads((tmp_path / "throughput.json").read_text())
     assert [r["model"] for r in records] == ["a", "b"]
-    assert all(r["p1_lean_vs_best_plain"] == pytest.approx(5.0 / 3.0) for r in records)
+    assert all(r["variants"]["lean"]["p1_vs_best_plain"] == pytest.approx(5.0 / 3.0) for r in records)
 
 
 def test_without_eslora_measured_p1_is_none_and_the_run_fails(tiny_model_path, tmp_path, monkeypatch):
@@ -173,12 +174,110 @@ def test_without_eslora_measured_p1_is_none_and_the_run_fails(tiny_model_path, t
     monkeypatch.setattr(bt, "eslora_runs", no_server)
     monkeypatch.setattr(bt, "plain_runs", lambda *a: {"shapes": {"one_call": shape(3.0, 60_000), "eslora_shape": shape(4.0, 60_000)}})
     monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}", "--no-peer",
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}", "--skip", "peer",
                                       "--reference-members", "0", "es.population=8", "task.num_prompts=4"])
     assert bt.main() == 1
     [record] = json.loads((tmp_path / "throughput.json").read_text())
     assert record["eslora"]["error"].startswith("RuntimeError: server did not become ready")
     assert record["p1_vs_best_plain"] is None and record["plain"]["shapes"]["one_call"]["wall_s"] == 3.0
+
+
+def test_named_variants_run_with_their_overrides_and_skipped_parts_do_not_run(tiny_model_path, tmp_path, monkeypatch):
+    """A lease that measures levers only: `--skip` leaves the other parts out, each `--variant`
+    runs eslora with its overrides on top of the config and is compared with the default."""
+    import json
+    import sys
+
+    import bench.bench_throughput as bt
+
+    seen = []
+
+    def eslora_runs(cfg, model_path, prompts, members, repeats, label, **k):
+        seen.append((label, cfg.backend.sglang.lora_backend, cfg.backend.max_loras_per_batch))
+        wall = 4.0 if cfg.backend.sglang.lora_backend == "triton" else 6.0
+        return {**shape(wall, 50_000), "runs": [{"load_s": 1.0}] * 3, "one_call": shape(7.0, 50_000),
+                "handoff_exposed_share": 0.02}
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a skipped part ran")
+
+    monkeypatch.setattr(bt, "eslora_runs", eslora_runs)
+    for name in ("plain_runs", "fullweight_peer"):
+        monkeypatch.setattr(bt, name, must_not_run)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}",
+                                      "--skip", "wide", "plain", "peer", "reference",
+                                      "--variant", "triton backend.sglang.lora_backend=triton",
+                                      "--variant", "triton16 backend.sglang.lora_backend=triton backend.max_loras_per_batch=16",
+                                      "es.population=16", "task.num_prompts=4"])
+    assert bt.main() == 1  # no plain part, so no P1
+    assert seen == [("eslora", "csgmv", 8), ("eslora triton", "triton", 8), ("eslora triton16", "triton", 16)]
+    [record] = json.loads((tmp_path / "throughput.json").read_text())
+    assert set(record["variants"]) == {"triton", "triton16"} and "plain" not in record and "eslora_wide" not in record
+    assert record["variants"]["triton16"]["overrides"] == ["backend.sglang.lora_backend=triton", "backend.max_loras_per_batch=16"]
+    assert record["variants"]["triton"]["speedup_vs_default"] == pytest.approx(1.5)
+    assert "p1_vs_best_plain" not in record["variants"]["triton"] and record["p1_vs_best_plain"] is None
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("triton", "NAME and then KEY=VALUE"),
+    ("a=b c=d", "NAME and then KEY=VALUE"),
+    ("", "NAME and then KEY=VALUE"),
+    ("x backend.max_loras_per_batch", "NAME and then KEY=VALUE"),
+])
+def test_a_malformed_variant_is_refused_before_anything_runs(tiny_model_path, monkeypatch, capsys, variant, message):
+    import sys
+
+    import bench.bench_throughput as bt
+
+    monkeypatch.setattr(bt, "eslora_runs", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}", "--variant", variant])
+    with pytest.raises(SystemExit) as exit_info:
+        bt.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_variant_with_an_unknown_key_fails_before_any_server_starts(tiny_model_path, monkeypatch):
+    import sys
+
+    import bench.bench_throughput as bt
+
+    monkeypatch.setattr(bt, "eslora_runs", lambda *a, **k: pytest.fail("a server started"))
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}",
+                                      "--variant", "chunk backend.sglang.max_lora_chunk=32"])
+    with pytest.raises(Exception, match="max_lora_chunk"):
+        bt.main()
+
+
+def test_every_timed_run_is_on_disk_while_its_part_runs_and_kept_when_it_fails(tiny_model_path, tmp_path, monkeypatch):
+    """The lease can end in the middle of a part: each timed run is saved as it ends, and a part
+    that fails after some runs keeps them next to its error."""
+    import json
+    import sys
+
+    import bench.bench_throughput as bt
+
+    on_disk = []
+
+    def eslora_runs(cfg, model_path, prompts, members, repeats, label, **k):
+        for i in range(2):
+            bt.report_run(f"{label} {i}", {"wall_s": 5.0 + i, "tokens": 100}, warm_up=i == 0)
+            on_disk.append(json.loads((tmp_path / "throughput.json").read_text())[0]["eslora"])
+        raise RuntimeError("server crashed")
+
+    monkeypatch.setattr(bt, "eslora_runs", eslora_runs)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}", "--no-variants",
+                                      "--skip", "wide", "plain", "peer", "reference"])
+    assert bt.main() == 1
+    assert [part["in_progress"] for part in on_disk] == [True, True]
+    assert [len(part["runs_so_far"]) for part in on_disk] == [1, 2]
+    [record] = json.loads((tmp_path / "throughput.json").read_text())
+    assert record["eslora"]["error"] == "RuntimeError: server crashed"
+    assert [r["label"] for r in record["eslora"]["runs_so_far"]] == ["eslora 0 warm-up", "eslora 1"]
+    assert record["eslora"]["runs_so_far"][1]["wall_s"] == 6.0
+    bt.report_run("after the part", {"wall_s": 1.0, "tokens": 1})  # no part running: printed only
+    assert json.loads((tmp_path / "throughput.json").read_text())[0]["eslora"]["runs_so_far"][-1]["label"] == "eslora 1"
 
 
 def test_a_generation_is_fed_as_an_actor_is_fed(stand_in):  # noqa: F811
