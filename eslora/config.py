@@ -244,6 +244,10 @@ def validate(cfg: Config) -> None:
         (cfg.lora.alpha > 0 and math.isfinite(cfg.lora.alpha), f"lora.alpha={cfg.lora.alpha} must be finite and > 0"),
         (all("." not in m for m in cfg.lora.target_modules),
          "lora.target_modules must be simple module names (q_proj, ...); choose layers with lora.layers"),
+        # across sections: what the SGLang server leaves LoRA kernels off is what the adapter leaves out
+        (not (cfg.backend.name == "sglang" and cfg.backend.sglang.adapter_layers_only and cfg.lora.layers is None),
+         "backend.sglang.adapter_layers_only=true needs lora.layers: with lora.layers=null every layer is trained, "
+         "so there is no layer to run without LoRA kernels"),
     ]
     for ok, message in checks:
         if not ok:

@@ -39,6 +39,7 @@ def test_defaults_and_overrides(tmp_path):
         (["es.lr=nan"], "es.lr"),
         (["backend.max_restarts=-1"], "backend.max_restarts"),
         (["lora.alpha=0"], "lora.alpha"),
+        (["backend.name=sglang", "backend.sglang.adapter_layers_only=true", "lora.layers=null"], "adapter_layers_only"),
     ],
 )
 def test_bad_config_names_the_key(overrides, needle):
