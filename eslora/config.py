@@ -121,6 +121,10 @@ class SGLangConfig:
     # --cuda-graph-max-bs: decode runs as a CUDA graph only up to this many running requests (SGLang's
     # default on an H200 is 256); set it to max_loras_per_batch x prompts per call when that is more.
     cuda_graph_max_bs: int = 0  # 0 = SGLang's default
+    # The server's --max-loras-per-batch: adapters one server batch may mix (0 = backend.max_loras_per_batch).
+    # More lets several calls' batches (cluster.calls_in_flight) run at once instead of in rounds,
+    # while each call still loads only its own batch before it starts generating.
+    lora_slots: int = 0
     mem_fraction_static: float = 0.0  # 0 = SGLang's default
     # LoRA kernels only on lora.layers: SGLang wraps every layer (an adapter's missing layers are
     # zeros it still multiplies); eslora's SGLang plugin, which needs eslora installed in the

@@ -36,6 +36,21 @@ def test_cuda_graph_batch_limit_is_passed_only_when_set():
     assert cfg.backend.max_loras_per_batch * cfg.task.num_prompts <= cfg.backend.sglang.cuda_graph_max_bs
 
 
+def test_server_lora_slots_default_to_the_batch_and_can_exceed_it():
+    """backend.sglang.lora_slots: the server's --max-loras-per-batch, so several calls' batches of
+    backend.max_loras_per_batch run at once; eslora still cuts and loads batches of 8."""
+    def slots(*overrides: str) -> str:
+        cfg = load_config("configs/countdown_sglang.yaml", list(overrides))
+        cmd = build_command(cfg.backend, LoraSpec.from_config(cfg.lora), cfg.model.dtype, "/models/m", 31000)
+        assert cmd.count("--max-loras-per-batch") == 1
+        return cmd[cmd.index("--max-loras-per-batch") + 1]
+
+    assert slots() == "8"
+    assert slots("backend.sglang.lora_slots=32") == "32"
+    cfg = load_config("configs/countdown_sglang.yaml", ["backend.sglang.lora_slots=32"])
+    assert make_backend(cfg.backend, "/models/m", LoraSpec.from_config(cfg.lora), cfg.model.dtype).max_loras_per_batch == 8
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_command_honours_model_dtype(dtype):
     cfg = load_config("configs/countdown_sglang.yaml", [f"model.dtype={dtype}"])

@@ -52,6 +52,9 @@ def validate_config(cfg: Any) -> None:
         (cfg.request_timeout_s > 0, "backend.request_timeout_s must be > 0"),
         (sg.max_lora_rank >= 0, "backend.sglang.max_lora_rank must be >= 0 (0 = lora.r)"),
         (sg.cuda_graph_max_bs >= 0, "backend.sglang.cuda_graph_max_bs must be >= 0 (0 = SGLang's default)"),
+        (sg.lora_slots == 0 or sg.lora_slots >= cfg.max_loras_per_batch,
+         f"backend.sglang.lora_slots={sg.lora_slots} must be 0 (= backend.max_loras_per_batch) or at least "
+         f"backend.max_loras_per_batch={cfg.max_loras_per_batch}: a batch's adapters run in one server batch"),
         (not (sg.cuda_graph_max_bs and sg.disable_cuda_graph),
          "backend.sglang.cuda_graph_max_bs is set but backend.sglang.disable_cuda_graph=true turns CUDA graphs off"),
         (0.0 <= sg.mem_fraction_static < 1.0, "backend.sglang.mem_fraction_static must be in [0, 1) (0 = SGLang's default)"),

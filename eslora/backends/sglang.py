@@ -42,7 +42,7 @@ def build_command(backend_cfg: Any, spec: LoraSpec, dtype: str, model_path: str,
     """The `python -m sglang.launch_server ...` command line (`backend_cfg`: the `backend` section,
     `spec`: the LoRA spec, `dtype`: `model.dtype`)."""
     sg = backend_cfg.sglang
-    n = int(backend_cfg.max_loras_per_batch)
+    n = int(sg.lora_slots or backend_cfg.max_loras_per_batch)  # adapters one server batch may mix
     cmd = [
         sg.python or sys.executable, "-m", "sglang.launch_server",
         "--model-path", model_path,
@@ -60,7 +60,8 @@ def build_command(backend_cfg: Any, spec: LoraSpec, dtype: str, model_path: str,
         cmd.append("--enable-deterministic-inference")
     if sg.lora_overlap_loading:
         # SGLang 0.5.17 pins overlap-loaded adapters in CPU memory and then demands
-        # max_loaded_loras <= 2 * max_loras_per_batch; two batches is what our hand-off keeps.
+        # max_loaded_loras <= 2 * max_loras_per_batch; two batches is what our hand-off keeps
+        # (with lora_slots, two server batches' worth).
         cmd += ["--enable-lora-overlap-loading", "--max-loaded-loras", str(2 * n)]
     if sg.attention_backend:
         cmd += ["--attention-backend", sg.attention_backend]
