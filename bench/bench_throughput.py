@@ -36,7 +36,7 @@ Per model, each server started once and stopped before the next (one GPU):
    cache-emptying memory queries). Run for every model after all models' parts 1-5, so they
    only use what time is left (`--no-variants` skips them).
 
-`--skip wide plain peer reference` leaves out parts 2-5 (a lease that measures levers only).
+`--skip wide,plain,peer,reference` leaves out parts 2-5 (a lease that measures levers only).
 Every timed run is written to throughput.json as it ends (`in_progress` and `runs_so_far` in the
 part's place until the part is done), so a lease cut mid-part keeps what that part measured.
 
@@ -471,8 +471,9 @@ def main() -> int:
     ap.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help="a model to measure (repeatable)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "countdown_sglang.yaml"))
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up, per measurement")
-    ap.add_argument("--skip", nargs="+", default=[], choices=OPTIONAL_PARTS,
-                    help="parts to leave out (eslora itself always runs: the variants compare with it)")
+    ap.add_argument("--skip", default="", metavar="PART,...",
+                    help=f"parts to leave out, of {','.join(OPTIONAL_PARTS)} (eslora itself always runs: the "
+                         "variants compare with it)")
     ap.add_argument("--peer-repeats", type=int, default=1,
                     help="the peer's timed generations after its one-member warm-up, per way (each is 32 "
                          "sequential member generations: minutes on a 1.5B, so fewer than --repeats)")
@@ -487,11 +488,14 @@ def main() -> int:
     models = [m.split("=", 1) for m in args.model]
     if any(len(m) != 2 for m in models):
         ap.error("--model takes NAME=PATH")
+    args.skip = [part for part in args.skip.split(",") if part]
+    if unknown := [part for part in args.skip if part not in OPTIONAL_PARTS]:
+        ap.error(f"--skip {','.join(unknown)}: the parts that can be left out are {','.join(OPTIONAL_PARTS)}")
     try:
         args.variants = parse_variants(args.variant, args.with_variants)
     except ValueError as err:
         ap.error(str(err))
-    command = "python3 bench/bench_throughput.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python3", "bench/bench_throughput.py", *sys.argv[1:]])
     records: list[dict[str, Any]] = []
     target = out_path("throughput.json")
 

@@ -206,7 +206,7 @@ def test_named_variants_run_with_their_overrides_and_skipped_parts_do_not_run(ti
         monkeypatch.setattr(bt, name, must_not_run)
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}",
-                                      "--skip", "wide", "plain", "peer", "reference",
+                                      "--skip", "wide,plain,peer,reference",
                                       "--variant", "triton backend.sglang.lora_backend=triton",
                                       "--variant", "triton16 backend.sglang.lora_backend=triton backend.max_loras_per_batch=16",
                                       "es.population=16", "task.num_prompts=4"])
@@ -235,6 +235,18 @@ def test_a_malformed_variant_is_refused_before_anything_runs(tiny_model_path, mo
     with pytest.raises(SystemExit) as exit_info:
         bt.main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unknown_part_to_skip_is_refused_naming_the_parts(tiny_model_path, monkeypatch, capsys):
+    import sys
+
+    import bench.bench_throughput as bt
+
+    monkeypatch.setattr(bt, "eslora_runs", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}", "--skip", "peer,eslora"])
+    with pytest.raises(SystemExit) as exit_info:
+        bt.main()
+    assert exit_info.value.code == 2 and "--skip eslora: the parts that can be left out are wide,plain,peer,reference" in capsys.readouterr().err
 
 
 def test_a_variant_with_an_unknown_key_fails_before_any_server_starts(tiny_model_path, monkeypatch):
@@ -268,7 +280,7 @@ def test_every_timed_run_is_on_disk_while_its_part_runs_and_kept_when_it_fails(t
     monkeypatch.setattr(bt, "eslora_runs", eslora_runs)
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}", "--no-variants",
-                                      "--skip", "wide", "plain", "peer", "reference"])
+                                      "--skip", "wide,plain,peer,reference"])
     assert bt.main() == 1
     assert [part["in_progress"] for part in on_disk] == [True, True]
     assert [len(part["runs_so_far"]) for part in on_disk] == [1, 2]
