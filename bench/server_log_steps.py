@@ -21,7 +21,9 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-DECODE = re.compile(r"Decode batch, #running-req: (\d+), .*?#queue-req: (\d+)")
+DECODE = re.compile(r"Decode batch, #running-req: (\d+), .*?gen throughput \(token/s\): ([\d.]+), #queue-req: (\d+)")
+BATCH = re.compile(r"(Decode|Prefill) batch")
+RUNNING_BUCKETS = (900, 600, 400, 200, 100, 0)  # lower bounds of the running-request ranges
 
 
 def read_log(path: Path) -> str:
@@ -33,9 +35,22 @@ def read_log(path: Path) -> str:
 def decode_steps(text: str, generations: Optional[int] = None) -> dict[str, Any]:
     """The log's decode lines summarized: steps (lines x interval), running requests per logged
     step (mean, max), the steps logged with requests queued while fewer than half the max ran
-    (the slots' tail), and steps per generation when `generations` is given."""
+    (the slots' tail), steps per generation when `generations` is given, and the median decode
+    step time by running requests (running / gen throughput, from lines whose interval held
+    decode steps only: a prefill in between would count as decode time)."""
     interval = int(m.group(1)) if (m := re.search(r"decode_log_interval=(\d+)", text)) else 40
-    rows = [(int(running), int(queued)) for running, queued in DECODE.findall(text)]
+    rows, step_ms, after_decode = [], {}, False
+    for line in text.splitlines():
+        if not BATCH.search(line):
+            continue
+        decode = DECODE.search(line)
+        if decode:
+            running, throughput, queued = int(decode.group(1)), float(decode.group(2)), int(decode.group(3))
+            rows.append((running, queued))
+            if after_decode and throughput > 0:
+                low = next(b for b in RUNNING_BUCKETS if running >= b)
+                step_ms.setdefault(low, []).append(1000.0 * running / throughput)
+        after_decode = bool(decode)
     if not rows:
         raise ValueError("no 'Decode batch' lines: not an SGLang server log, or log level above info")
     running = [r for r, _ in rows]
@@ -49,6 +64,8 @@ def decode_steps(text: str, generations: Optional[int] = None) -> dict[str, Any]
         "running_mean": sum(running) / len(running),
         "running_max": max(running),
         "tail_steps_queued_below_half": sum(1 for r, q in rows if q and r < max(running) / 2) * interval,
+        "decode_step_ms_by_running": {f">={low}": {"median": sorted(v)[len(v) // 2], "lines": len(v)}
+                                      for low, v in sorted(step_ms.items(), reverse=True)},
     }
     if generations:
         out["generations"] = generations

@@ -110,6 +110,10 @@ class TaskConfig:
 class SGLangConfig:
     python: str = ""  # interpreter that has sglang; empty = this one
     lora_backend: str = "csgmv"  # csgmv | triton
+    # csgmv's --max-lora-chunk-size (16, 32, 64, 128; 0 = SGLang's default, 16). SGLang picks 128-row
+    # chunks for batches of >= 256 tokens (every prefill chunk, decode past 256 requests) but caps
+    # them at this value.
+    max_lora_chunk_size: int = 0
     max_lora_rank: int = 0  # 0 = lora.r
     disable_radix_cache: bool = True
     deterministic: bool = False  # --enable-deterministic-inference

@@ -14,6 +14,7 @@ from eslora.config import ConfigError, load_config
     ("backend.sglang.mem_fraction_static=1.5", "backend.sglang.mem_fraction_static"),
     ("backend.sglang.cuda_graph_max_bs=-8", "backend.sglang.cuda_graph_max_bs"),
     ("backend.sglang.lora_slots=4", "backend.sglang.lora_slots=4 must be 0"),
+    ("backend.sglang.max_lora_chunk_size=48", "backend.sglang.max_lora_chunk_size=48: use 16, 32, 64 or 128"),
     ("backend.sglang.start_timeout_s=0", "backend.sglang.start_timeout_s"),
     ("backend.vllm.start_timeout_s=-5", "backend.vllm.start_timeout_s"),
     ("backend.vllm.kv_cache_space_gb=0", "backend.vllm.kv_cache_space_gb"),

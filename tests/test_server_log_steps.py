@@ -10,6 +10,18 @@ from bench.server_log_steps import decode_steps, read_log
 LOGS = Path(__file__).resolve().parents[1] / "bench" / "results" / "2026-12-02-h200" / "server_logs"
 
 
+def test_step_times_come_from_decode_only_intervals():
+    """running / gen throughput is the step time, unless a prefill ran inside the interval."""
+    decode = "Decode batch, #running-req: {r}, #token: 1, cuda graph: True, gen throughput (token/s): {t}, #queue-req: 0"
+    text = "\n".join([decode.format(r=1000, t=100000.0),  # the first: its interval may hold anything
+                      decode.format(r=1000, t=125000.0),  # 8 ms per step
+                      "Prefill batch, #new-seq: 8, #new-token: 8192, #cached-token: 0",
+                      decode.format(r=300, t=1000.0),  # after a prefill: not a step time
+                      decode.format(r=300, t=100000.0)])  # 3 ms
+    out = decode_steps(text)
+    assert out["decode_step_ms_by_running"] == {">=900": {"median": 8.0, "lines": 1}, ">=200": {"median": 3.0, "lines": 1}}
+
+
 def test_decode_lines_are_counted_and_read_as_the_logs_say():
     text = read_log(LOGS / "qwen05b_eslora_default.log.gz")
     lines = [line for line in text.splitlines() if "Decode batch" in line]
@@ -34,5 +46,6 @@ def test_the_interval_comes_from_the_log_and_a_file_without_decode_lines_is_refu
             "[t] Decode batch, #running-req: 7, #token: 1, cuda graph: True, gen throughput (token/s): 1.0, #queue-req: 3\n")
     out = decode_steps(text)
     assert (out["decode_steps"], out["running_max"], out["max_loras_per_batch"]) == (10, 7, None)
+    assert out["decode_step_ms_by_running"] == {}  # a step time needs an interval of decode steps only
     with pytest.raises(ValueError, match="no 'Decode batch' lines"):
         decode_steps("Prefill batch, #new-seq: 1")

@@ -52,6 +52,10 @@ def validate_config(cfg: Any) -> None:
         (cfg.request_timeout_s > 0, "backend.request_timeout_s must be > 0"),
         (sg.max_lora_rank >= 0, "backend.sglang.max_lora_rank must be >= 0 (0 = lora.r)"),
         (sg.cuda_graph_max_bs >= 0, "backend.sglang.cuda_graph_max_bs must be >= 0 (0 = SGLang's default)"),
+        (sg.max_lora_chunk_size in (0, 16, 32, 64, 128),
+         f"backend.sglang.max_lora_chunk_size={sg.max_lora_chunk_size}: use 16, 32, 64 or 128 (0 = SGLang's default, 16)"),
+        (not sg.max_lora_chunk_size or sg.lora_backend == "csgmv",
+         f"backend.sglang.max_lora_chunk_size is csgmv's; backend.sglang.lora_backend={sg.lora_backend!r} does not use it"),
         (sg.lora_slots == 0 or sg.lora_slots >= cfg.max_loras_per_batch,
          f"backend.sglang.lora_slots={sg.lora_slots} must be 0 (= backend.max_loras_per_batch) or at least "
          f"backend.max_loras_per_batch={cfg.max_loras_per_batch}: a batch's adapters run in one server batch"),

@@ -52,6 +52,7 @@ def build_command(backend_cfg: Any, spec: LoraSpec, dtype: str, model_path: str,
         "--max-lora-rank", str(sg.max_lora_rank or spec.r),
         "--lora-target-modules", *spec.target_modules,
         "--lora-backend", sg.lora_backend,
+        *(["--max-lora-chunk-size", str(sg.max_lora_chunk_size)] if sg.max_lora_chunk_size else []),
         "--dtype", dtype,
     ]
     if sg.disable_radix_cache:
