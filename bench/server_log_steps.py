@@ -54,10 +54,11 @@ def decode_steps(text: str, generations: Optional[int] = None) -> dict[str, Any]
     if not rows:
         raise ValueError("no 'Decode batch' lines: not an SGLang server log, or log level above info")
     running = [r for r, _ in rows]
+    lora = "enable_lora=True" in text
     slots = re.search(r"max_loras_per_batch=(\d+)", text)
     out: dict[str, Any] = {
-        "lora": "enable_lora=True" in text,
-        "max_loras_per_batch": int(slots.group(1)) if slots and "enable_lora=True" in text else None,
+        "lora": lora,
+        "max_loras_per_batch": int(slots.group(1)) if slots and lora else None,
         "decode_log_interval": interval,
         "decode_lines": len(rows),
         "decode_steps": len(rows) * interval,

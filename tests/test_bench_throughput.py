@@ -237,6 +237,16 @@ def test_a_malformed_variant_is_refused_before_anything_runs(tiny_model_path, mo
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_variants_parse_into_names_and_overrides_and_names_must_differ():
+    from bench.bench_throughput import LEAN, parse_variants
+
+    assert parse_variants(None, enabled=True) == [("lean", LEAN)] and parse_variants(["x a=1"], enabled=False) == []
+    assert parse_variants(["w backend.sglang.extra_args=[--max-lora-chunk-size,64] es.sigma=0.01"], enabled=True) == [
+        ("w", ["backend.sglang.extra_args=[--max-lora-chunk-size,64]", "es.sigma=0.01"])]
+    with pytest.raises(ValueError, match="names must differ"):
+        parse_variants(["a x=1", "a y=2"], enabled=True)
+
+
 def test_an_unknown_part_to_skip_is_refused_naming_the_parts(tiny_model_path, monkeypatch, capsys):
     import sys
 

@@ -36,24 +36,25 @@ def test_cuda_graph_batch_limit_is_passed_only_when_set():
     assert cfg.backend.max_loras_per_batch * cfg.task.num_prompts <= cfg.backend.sglang.cuda_graph_max_bs
 
 
-def test_csgmv_chunk_size_is_passed_only_when_set_and_only_to_csgmv():
-    def command(*overrides: str) -> list[str]:
-        cfg = load_config("configs/countdown_sglang.yaml", list(overrides))
-        return build_command(cfg.backend, LoraSpec.from_config(cfg.lora), cfg.model.dtype, "/models/m", 31000)
+def sglang_command(*overrides: str) -> list[str]:
+    """The server command line of configs/countdown_sglang.yaml with `overrides`."""
+    cfg = load_config("configs/countdown_sglang.yaml", list(overrides))
+    return build_command(cfg.backend, LoraSpec.from_config(cfg.lora), cfg.model.dtype, "/models/m", 31000)
 
-    assert "--max-lora-chunk-size" not in command()
-    cmd = command("backend.sglang.max_lora_chunk_size=128")
+
+def test_csgmv_chunk_size_is_passed_only_when_set_and_only_to_csgmv():
+    assert "--max-lora-chunk-size" not in sglang_command()
+    cmd = sglang_command("backend.sglang.max_lora_chunk_size=128")
     assert cmd[cmd.index("--max-lora-chunk-size") + 1] == "128"
     with pytest.raises(ValueError, match="max_lora_chunk_size is csgmv's; backend.sglang.lora_backend='triton'"):
-        command("backend.sglang.max_lora_chunk_size=128", "backend.sglang.lora_backend=triton")
+        sglang_command("backend.sglang.max_lora_chunk_size=128", "backend.sglang.lora_backend=triton")
 
 
 def test_server_lora_slots_default_to_the_batch_and_can_exceed_it():
     """backend.sglang.lora_slots: the server's --max-loras-per-batch, so several calls' batches of
     backend.max_loras_per_batch run at once; eslora still cuts and loads batches of 8."""
     def slots(*overrides: str) -> str:
-        cfg = load_config("configs/countdown_sglang.yaml", list(overrides))
-        cmd = build_command(cfg.backend, LoraSpec.from_config(cfg.lora), cfg.model.dtype, "/models/m", 31000)
+        cmd = sglang_command(*overrides)
         assert cmd.count("--max-loras-per-batch") == 1
         return cmd[cmd.index("--max-loras-per-batch") + 1]
 

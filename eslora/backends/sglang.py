@@ -156,8 +156,7 @@ class SGLangBackend(ServerBackend):
     @property
     def plugin_keys(self) -> list[str]:
         """The config keys that need eslora's SGLang plugin in the server, as set."""
-        return [f"backend.sglang.{key}=true" for key in ("adapter_layers_only", "lean_adapter_loads")
-                if getattr(self.sg, key) and (key != "adapter_layers_only" or self.kept_layers is not None)]
+        return [f"backend.sglang.{key}=true" for key in ("adapter_layers_only", "lean_adapter_loads") if getattr(self.sg, key)]
 
     def _env(self) -> dict[str, str]:
         env = super()._env()
