@@ -16,6 +16,7 @@ from eslora.config import ConfigError, load_config
     ("backend.sglang.lora_slots=4", "backend.sglang.lora_slots=4 must be 0"),
     ("backend.sglang.max_lora_chunk_size=48", "backend.sglang.max_lora_chunk_size=48: use 16, 32, 64 or 128"),
     ("backend.sglang.start_timeout_s=0", "backend.sglang.start_timeout_s"),
+    ("backend.sglang.lora_backend=cutlass", "backend.sglang.lora_backend='cutlass': use one of csgmv, triton"),
     ("backend.vllm.start_timeout_s=-5", "backend.vllm.start_timeout_s"),
     ("backend.vllm.kv_cache_space_gb=0", "backend.vllm.kv_cache_space_gb"),
 ])
@@ -34,3 +35,14 @@ def test_a_graph_limit_with_graphs_turned_off_fails_at_load_naming_both_keys():
     with pytest.raises(ConfigError, match=r"backend\.sglang\.cuda_graph_max_bs .*backend\.sglang\.disable_cuda_graph=true"):
         load_config(None, ["backend.sglang.cuda_graph_max_bs=512", "backend.sglang.disable_cuda_graph=true"])
     assert load_config(None, ["backend.sglang.cuda_graph_max_bs=512"]).backend.sglang.cuda_graph_max_bs == 512
+
+
+def test_the_dense_lora_backend_needs_full_rank_adapters_on_projection_modules():
+    """backend.sglang.lora_backend=dense reads SGLang's buffers as every adapter at the server's
+    max rank, and computes the projection modules' LoRA only: anything else fails at load."""
+    with pytest.raises(ConfigError, match=r"lora_backend=dense needs every adapter at the server's max rank: .* lora\.r=1, not 4"):
+        load_config(None, ["backend.name=sglang", "backend.sglang.lora_backend=dense", "lora.r=1", "backend.sglang.max_lora_rank=4"])
+    with pytest.raises(ConfigError, match=r"lora_backend=dense serves LoRA on down_proj, .*lora\.target_modules=\['q_proj', 'lm_head'\] has others"):
+        load_config(None, ["backend.name=sglang", "backend.sglang.lora_backend=dense", "lora.target_modules=[q_proj,lm_head]"])
+    cfg = load_config("configs/countdown_sglang.yaml", ["backend.sglang.lora_backend=dense", "backend.sglang.max_lora_rank=1"])
+    assert cfg.backend.sglang.lora_backend == "dense" and cfg.lora.r == 1

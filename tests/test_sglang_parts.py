@@ -50,6 +50,13 @@ def test_csgmv_chunk_size_is_passed_only_when_set_and_only_to_csgmv():
         sglang_command("backend.sglang.max_lora_chunk_size=128", "backend.sglang.lora_backend=triton")
 
 
+def test_the_dense_lora_backend_starts_sglang_on_triton():
+    # eslora's plugin puts its backend in the place of SGLang's triton backend (sglang_plugin.py)
+    cmd = sglang_command("backend.sglang.lora_backend=dense")
+    assert cmd[cmd.index("--lora-backend") + 1] == "triton" and "dense" not in cmd
+    assert sglang_command()[sglang_command().index("--lora-backend") + 1] == "csgmv"
+
+
 def test_server_lora_slots_default_to_the_batch_and_can_exceed_it():
     """backend.sglang.lora_slots: the server's --max-loras-per-batch, so several calls' batches of
     backend.max_loras_per_batch run at once; eslora still cuts and loads batches of 8."""
@@ -266,8 +273,14 @@ def test_plugin_keys_without_eslora_in_the_servers_python_fail_at_start(stand_in
     assert env[sglang_plugin.LEAN_LOADS_ENV] == "1" and sglang_plugin.LAYERS_ENV not in env
     with pytest.raises(BackendError, match="^backend.sglang.lean_adapter_loads=true, but eslora's SGLang plugin did not run"):
         lean.start()
+    dense = stand_in("backend.sglang.lora_backend=dense")
+    env = dense._env()
+    assert env[sglang_plugin.DENSE_ENV] == "1" and sglang_plugin.REPORT_ENV in env
+    with pytest.raises(BackendError, match="^backend.sglang.lora_backend=dense, but eslora's SGLang plugin did not run"):
+        dense.start()
     plain = stand_in("lora.layers=[0,1]")
-    assert not {sglang_plugin.LAYERS_ENV, sglang_plugin.LEAN_LOADS_ENV, sglang_plugin.REPORT_ENV} & set(plain._env())
+    assert not {sglang_plugin.LAYERS_ENV, sglang_plugin.LEAN_LOADS_ENV, sglang_plugin.DENSE_ENV,
+                sglang_plugin.REPORT_ENV} & set(plain._env())
     plain.start()  # without the keys nothing is asked of the server's Python
 
 

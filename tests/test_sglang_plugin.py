@@ -70,10 +70,14 @@ def test_the_hook_unwraps_and_reports_what_it_kept(tmp_path, monkeypatch):
     report = tmp_path / "report.json"
     monkeypatch.setenv(sglang_plugin.LAYERS_ENV, sglang_plugin.format_layers([3, 0, 1, 9]))  # 9: past the model
     monkeypatch.setenv(sglang_plugin.REPORT_ENV, str(report))
-    manager = SimpleNamespace(base_model=model, lora_modules=table)  # LoRAManager's two attributes it uses
+    class TritonLoRABackend:  # what the report names: the class SGLang built
+        pass
+
+    manager = SimpleNamespace(base_model=model, lora_modules=table, lora_backend=TritonLoRABackend())  # LoRAManager's attributes it reads
     assert sglang_plugin._after_init_lora_modules(None, manager) is None  # AFTER hook: keep the result
     got = json.loads(report.read_text())
     assert got["kept_layers"] == [0, 1, 3] and got["unwrapped_modules"] == 4 and got["layers"] == 5
+    assert got["lora_backend"] == "TritonLoRABackend"
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -97,6 +101,7 @@ def test_without_its_variables_the_plugin_does_nothing(monkeypatch):
     # import SGLang's hook registry) unless the backend asked for it.
     monkeypatch.delenv(sglang_plugin.LAYERS_ENV, raising=False)
     monkeypatch.setenv(sglang_plugin.LEAN_LOADS_ENV, "0")
+    monkeypatch.delenv(sglang_plugin.DENSE_ENV, raising=False)
     modules = set(sys.modules)
     assert sglang_plugin.register() is None
     assert not any(name.startswith("sglang") for name in set(sys.modules) - modules)

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from eslora.lora import LoraSpec
 
 BACKENDS = ("hf", "sglang", "vllm")
+# backend.sglang.lora_backend: SGLang 0.5.17's own, and eslora's plugin backend (sglang_plugin.py)
+SGLANG_LORA_BACKENDS = ("csgmv", "triton", "torch_native", "dense")
 
 
 def make_backend(
@@ -52,6 +54,8 @@ def validate_config(cfg: Any) -> None:
         (cfg.request_timeout_s > 0, "backend.request_timeout_s must be > 0"),
         (sg.max_lora_rank >= 0, "backend.sglang.max_lora_rank must be >= 0 (0 = lora.r)"),
         (sg.cuda_graph_max_bs >= 0, "backend.sglang.cuda_graph_max_bs must be >= 0 (0 = SGLang's default)"),
+        (sg.lora_backend in SGLANG_LORA_BACKENDS,
+         f"backend.sglang.lora_backend={sg.lora_backend!r}: use one of {', '.join(SGLANG_LORA_BACKENDS)}"),
         (sg.max_lora_chunk_size in (0, 16, 32, 64, 128),
          f"backend.sglang.max_lora_chunk_size={sg.max_lora_chunk_size}: use 16, 32, 64 or 128 (0 = SGLang's default, 16)"),
         (not sg.max_lora_chunk_size or sg.lora_backend == "csgmv",

@@ -10,6 +10,10 @@
   log level, and each query empties the CUDA cache (`get_available_gpu_memory(empty_cache=True)`):
   four per member, in the scheduler's loop, each a device-wide sync whose freed blocks later
   allocations pay for again.
+- `backend.sglang.lora_backend=dense` (ESLORA_SGLANG_DENSE_LORA=1): the server is started with
+  `--lora-backend triton` and the plugin puts `DenseLoRABackend` in that name's place: SGLang's
+  triton backend with the LoRA of the projection modules as dense GEMMs over all adapter slots
+  (`eslora.backends.dense_lora`: why, and the math).
 
 It is loaded through SGLang's plugin framework (`sglang.srt.plugins`, the entry point
 `eslora` in pyproject.toml), which calls `register()` early in every SGLang process
@@ -28,6 +32,7 @@ from typing import Any, Iterable, Sequence
 
 LAYERS_ENV = "ESLORA_SGLANG_LORA_LAYERS"
 LEAN_LOADS_ENV = "ESLORA_SGLANG_LEAN_LOADS"
+DENSE_ENV = "ESLORA_SGLANG_DENSE_LORA"
 REPORT_ENV = "ESLORA_SGLANG_PLUGIN_REPORT"
 MANAGER = "sglang.srt.lora.lora_manager.LoRAManager"
 
@@ -63,6 +68,92 @@ def _lean_loads() -> bool:
     return os.environ.get(LEAN_LOADS_ENV) == "1"
 
 
+def _dense() -> bool:
+    return os.environ.get(DENSE_ENV) == "1"
+
+
+def dense_backend_class() -> type:
+    """SGLang's TritonLoRABackend with the projection modules' LoRA as dense GEMMs over all slots.
+
+    Prefill and decode alike: each forward's per-token slot coefficients are computed once in
+    `prepare_lora_batch` (outside any CUDA graph; under a decode graph into a static buffer the
+    captured GEMMs read) and shared by every LoRA module of every layer. The lm_head's pruned
+    LoRA and the embedding's stay triton's; prefill CUDA graphs are declined (their static
+    metadata is triton's segments)."""
+    import torch
+    from sglang.srt.lora.backend.triton_backend import TritonLoRABackend
+
+    from eslora.backends import dense_lora
+
+    class DenseLoRABackend(TritonLoRABackend):
+        name = "triton"  # what SGLang was told; the report names the class
+        supports_prefill_cuda_graph = False
+
+        def __init__(self, max_loras_per_batch: int, device: Any, **kwargs: Any) -> None:
+            super().__init__(max_loras_per_batch, device, **kwargs)
+            self.coefficients: Any = None  # (tokens, slots) float32 of the prepared forward
+            self._graph_coefficients: Any = None
+            self._graph_tokens_per_req = 1
+
+        def init_cuda_graph_batch_info(self, max_bs_in_cuda_graph: int, num_tokens_per_req: int) -> None:
+            super().init_cuda_graph_batch_info(max_bs_in_cuda_graph, num_tokens_per_req)
+            self._graph_tokens_per_req = num_tokens_per_req
+            self._graph_coefficients = torch.zeros(max_bs_in_cuda_graph * num_tokens_per_req, self.max_loras_per_batch,
+                                                   dtype=torch.float32, device="cuda")
+
+        def prepare_lora_batch(self, forward_batch: Any, weight_indices: list[int], lora_ranks: list[int],
+                               scalings: list[float], use_cuda_graph: bool, use_prefill_cuda_graph: bool = False) -> None:
+            super().prepare_lora_batch(forward_batch, weight_indices, lora_ranks, scalings, use_cuda_graph,
+                                       use_prefill_cuda_graph)
+            info, bs = self.batch_info, forward_batch.batch_size
+            slots = info.weight_indices[:bs]
+            if use_cuda_graph:
+                if self._graph_tokens_per_req > 1:
+                    slots = slots.repeat_interleave(self._graph_tokens_per_req)
+                self.coefficients = dense_lora.slot_coefficients(slots, info.scalings, info.lora_ranks,
+                                                                 out=self._graph_coefficients)
+                return
+            if forward_batch.forward_mode.is_extend():
+                slots = torch.repeat_interleave(slots, info.seg_lens[:bs].long(),
+                                                output_size=int(sum(forward_batch.extend_seq_lens_cpu)))
+            self.coefficients = dense_lora.slot_coefficients(slots, info.scalings[: self.max_loras_per_batch],
+                                                             info.lora_ranks[: self.max_loras_per_batch])
+
+        def run_lora_a_sgemm(self, x: Any, weights: Any, pruned_batch_info: Any = None, stack_num: int = 1,
+                             *args: Any, **kwargs: Any) -> Any:
+            if pruned_batch_info is not None:  # the lm_head's pruned rows: triton's segments
+                return super().run_lora_a_sgemm(x, weights, pruned_batch_info, stack_num, *args, **kwargs)
+            return dense_lora.shrink(x, weights, self.coefficients)
+
+        def run_lora_b_sgemm(self, x: Any, weights: Any, base_output: Any = None, pruned_batch_info: Any = None,
+                             *args: Any, **kwargs: Any) -> Any:
+            if pruned_batch_info is not None:
+                return super().run_lora_b_sgemm(x, weights, base_output, pruned_batch_info, *args, **kwargs)
+            return dense_lora.expand(x, weights, (0, weights.shape[-2]), base_output)
+
+        def run_qkv_lora(self, x: Any, qkv_lora_a: Any, qkv_lora_b: Any, output_offset: Any, max_qkv_out_dim: int,
+                         base_output: Any = None, n_slices: int = 3, *args: Any, **kwargs: Any) -> Any:
+            offsets = kwargs.get("output_offset_cpu")
+            offsets = (offsets if offsets is not None else output_offset).tolist()  # the CPU copy: no sync
+            return dense_lora.expand(dense_lora.shrink(x, qkv_lora_a, self.coefficients), qkv_lora_b, offsets,
+                                     base_output)
+
+        def run_gate_up_lora(self, x: Any, gate_up_lora_a: Any, gate_up_lora_b: Any, base_output: Any = None,
+                             *args: Any, **kwargs: Any) -> Any:
+            half = gate_up_lora_b.shape[-2] // 2
+            return dense_lora.expand(dense_lora.shrink(x, gate_up_lora_a, self.coefficients), gate_up_lora_b,
+                                     (0, half, 2 * half), base_output)
+
+    return DenseLoRABackend
+
+
+def use_dense_backend() -> None:
+    """Put DenseLoRABackend in the registry under the name `triton` (the server's --lora-backend)."""
+    from sglang.srt.lora.backend import lora_registry
+
+    lora_registry.LORA_SUPPORTED_BACKENDS["triton"] = dense_backend_class
+
+
 def _after_init_lora_modules(result: Any, manager: Any, *args: Any, **kwargs: Any) -> None:
     layers = os.environ.get(LAYERS_ENV)
     keep = parse_layers(layers) if layers else frozenset(range(len(manager.lora_modules)))
@@ -73,7 +164,8 @@ def _after_init_lora_modules(result: Any, manager: Any, *args: Any, **kwargs: An
         tmp = f"{report}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump({"kept_layers": kept, "unwrapped_modules": unwrapped, "layers": len(manager.lora_modules),
-                       "lean_loads": _lean_loads(), "pid": os.getpid()}, f)
+                       "lean_loads": _lean_loads(), "lora_backend": type(getattr(manager, "lora_backend", None)).__name__,
+                       "pid": os.getpid()}, f)
         os.replace(tmp, report)
 
 
@@ -89,10 +181,12 @@ def unload_without_memory_queries(manager: Any, lora_ref: Any) -> Any:
 
 def register() -> None:
     """SGLang's general-plugin entry point: hook LoRAManager as the backend asked, if it did."""
-    if not (os.environ.get(LAYERS_ENV) or _lean_loads()):
+    if not (os.environ.get(LAYERS_ENV) or _lean_loads() or _dense()):
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    if _dense():
+        use_dense_backend()
     HookRegistry.register(f"{MANAGER}.init_lora_modules", _after_init_lora_modules, HookType.AFTER)  # also the report
     if _lean_loads():
         HookRegistry.register(f"{MANAGER}.load_lora_adapter", load_without_memory_queries, HookType.REPLACE)
