@@ -111,7 +111,9 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
     x_d = torch.randn(tokens, inter, generator=gen, device="cuda").to(torch.bfloat16)
     qkv_off = [0, q, q + kv, q + 2 * kv]
     qkv_offsets = (torch.tensor(qkv_off, dtype=torch.int32, device="cuda"), torch.tensor(qkv_off, dtype=torch.int32))
-    one = lambda n: (torch.tensor([0, n], dtype=torch.int32, device="cuda"), torch.tensor([0, n], dtype=torch.int32))  # noqa: E731
+    # made before any capture: a CPU tensor copied to the GPU inside a CUDA graph capture is an error
+    one = {n: (torch.tensor([0, n], dtype=torch.int32, device="cuda"), torch.tensor([0, n], dtype=torch.int32))
+           for n in (h, 2 * inter)}
     outs = {"qkv": torch.zeros(tokens, q + 2 * kv, dtype=torch.bfloat16, device="cuda"),
             "o": torch.zeros(tokens, h, dtype=torch.bfloat16, device="cuda"),
             "gate_up": torch.zeros(tokens, 2 * inter, dtype=torch.bfloat16, device="cuda"),
@@ -128,13 +130,13 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
                 backend.run_qkv_lora(x=x_h, qkv_lora_a=w["qkv_a"], qkv_lora_b=w["qkv_b"], output_offset=qkv_offsets[0],
                                      output_offset_cpu=qkv_offsets[1], max_qkv_out_dim=max(q, kv), base_output=outs["qkv"])
                 a = backend.run_lora_a_sgemm(x_o, w["o_a"])
-                backend.run_lora_b_sgemm(x=a, weights=w["o_b"], output_offset=one(h)[0], output_offset_cpu=one(h)[1],
+                backend.run_lora_b_sgemm(x=a, weights=w["o_b"], output_offset=one[h][0], output_offset_cpu=one[h][1],
                                          base_output=outs["o"])
                 backend.run_gate_up_lora(x=x_h, gate_up_lora_a=w["gate_up_a"], gate_up_lora_b=w["gate_up_b"],
-                                         output_offset=one(2 * inter)[0], output_offset_cpu=one(2 * inter)[1],
+                                         output_offset=one[2 * inter][0], output_offset_cpu=one[2 * inter][1],
                                          base_output=outs["gate_up"])
                 a = backend.run_lora_a_sgemm(x_d, w["down_a"])
-                backend.run_lora_b_sgemm(x=a, weights=w["down_b"], output_offset=one(h)[0], output_offset_cpu=one(h)[1],
+                backend.run_lora_b_sgemm(x=a, weights=w["down_b"], output_offset=one[h][0], output_offset_cpu=one[h][1],
                                          base_output=outs["down"])
         return run
 
@@ -178,7 +180,7 @@ def main() -> int:
     ap.add_argument("--tokens", default="256,512,1024", help="decode batch sizes (running requests)")
     ap.add_argument("--slots", default="9,33", help="adapter slots (SGLang's --max-loras-per-batch + 1 for the base)")
     ap.add_argument("--rank", type=int, default=1)
-    ap.add_argument("--backends", default="triton,csgmv16,csgmv128,dense")
+    ap.add_argument("--backends", default="triton,dense,csgmv16,csgmv128")
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args()
     d = model_dims(args.model)
