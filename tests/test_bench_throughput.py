@@ -209,6 +209,7 @@ def test_named_variants_run_with_their_overrides_and_skipped_parts_do_not_run(ti
                                       "--skip", "wide,plain,peer,reference",
                                       "--variant", "triton backend.sglang.lora_backend=triton",
                                       "--variant", "triton16 backend.sglang.lora_backend=triton backend.max_loras_per_batch=16",
+                                      "backend.sglang.lora_backend=csgmv",
                                       "es.population=16", "task.num_prompts=4"])
     assert bt.main() == 1  # no plain part, so no P1
     assert seen == [("eslora", "csgmv", 8), ("eslora triton", "triton", 8), ("eslora triton16", "triton", 16)]
