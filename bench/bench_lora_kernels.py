@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -158,7 +159,8 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
             result[f"{kind}_rel_max_diff_vs_{kinds[0]}"] = (got - reference).abs().max().item() / max(scale, 1e-30)
             result[f"{kind}_ms"] = time_graph(run, replays)
         except Exception as err:  # a backend that cannot run this shape: recorded, the others go on
-            result[f"{kind}_error"] = f"{type(err).__name__}: {err}"
+            frame = traceback.extract_tb(err.__traceback__)[-1]  # an assert's message is often empty: where it failed
+            result[f"{kind}_error"] = f"{type(err).__name__}: {err} ({Path(frame.filename).name}:{frame.lineno})"
     weights = [(torch.randn(q + 2 * kv, h, generator=gen, device="cuda").to(torch.bfloat16),
                 torch.randn(h, q, generator=gen, device="cuda").to(torch.bfloat16),
                 torch.randn(2 * inter, h, generator=gen, device="cuda").to(torch.bfloat16),
