@@ -150,7 +150,7 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
             run = step(backend)
             for out in outs.values():
                 out.zero_()
-            run()  # one eager step: the LoRA deltas of the last layer's weights... summed over layers
+            run()  # one eager step: every layer's LoRA delta added into the four outputs
             torch.cuda.synchronize()
             got = torch.cat([out.float().flatten() for out in outs.values()])
             if reference is None:

@@ -116,8 +116,12 @@ def dense_backend_class() -> type:
             if forward_batch.forward_mode.is_extend():
                 slots = torch.repeat_interleave(slots, info.seg_lens[:bs].long(),
                                                 output_size=int(sum(forward_batch.extend_seq_lens_cpu)))
-            self.coefficients = dense_lora.slot_coefficients(slots, info.scalings[: self.max_loras_per_batch],
-                                                             info.lora_ranks[: self.max_loras_per_batch])
+            self.coefficients = dense_lora.slot_coefficients(slots, info.scalings, info.lora_ranks)
+
+        def compute_sgemm_routing(self, use_cuda_graph: bool) -> None:
+            # triton's per-decode sort of tokens by adapter (argsort, searchsorted, copies) feeds only
+            # the segment kernels replaced here; the lm_head's pruned rows bring their own batch info
+            self.sgemm_batch_info = None
 
         def run_lora_a_sgemm(self, x: Any, weights: Any, pruned_batch_info: Any = None, stack_num: int = 1,
                              *args: Any, **kwargs: Any) -> Any:
