@@ -3,6 +3,7 @@ own logic (start, self-check, batches, restart, per-call stats, environment) aga
 for `python -m sglang.launch_server`. SGLang itself needs a GPU: the backend against a real
 SGLang server is tests/test_sglang_gpu.py; the stand-in only answers SGLang's HTTP API."""
 
+import json
 import textwrap
 
 import numpy as np
@@ -282,6 +283,29 @@ def test_plugin_keys_without_eslora_in_the_servers_python_fail_at_start(stand_in
     assert not {sglang_plugin.LAYERS_ENV, sglang_plugin.LEAN_LOADS_ENV, sglang_plugin.DENSE_ENV,
                 sglang_plugin.REPORT_ENV} & set(plain._env())
     plain.start()  # without the keys nothing is asked of the server's Python
+
+
+def test_a_server_that_did_not_build_the_dense_backend_is_refused(tmp_path):
+    """The plugin's report names the LoRA backend class SGLang built: with lora_backend=dense,
+    SGLang's own triton class (the plugin ran, but its backend was not put in place) is an error,
+    and the dense class is accepted; without dense, the dense class is an error too."""
+    def checked(lora_backend: str, built: str) -> SGLangBackend:
+        cfg = load_config("configs/countdown_sglang.yaml", [f"backend.sglang.lora_backend={lora_backend}",
+                                                           f"backend.sglang.adapter_dir={tmp_path}",
+                                                           "backend.sglang.lean_adapter_loads=true"])
+        backend = SGLangBackend(cfg.backend, "/models/m", LoraSpec.from_config(cfg.lora), cfg.model.dtype)
+        backend.adapter_root.mkdir(parents=True, exist_ok=True)
+        backend._plugin_report.write_text(json.dumps({"kept_layers": [0, 1], "unwrapped_modules": 0, "layers": 2,
+                                                      "lean_loads": True, "lora_backend": built}))
+        backend._check_plugin()
+        return backend
+
+    with pytest.raises(BackendError, match="the LoRA backend TritonLoRABackend; the config asked .*lora_backend dense"):
+        checked("dense", "TritonLoRABackend")
+    assert checked("dense", "DenseLoRABackend").plugin_report["lora_backend"] == "DenseLoRABackend"
+    with pytest.raises(BackendError, match="the LoRA backend DenseLoRABackend; the config asked .*lora_backend triton"):
+        checked("triton", "DenseLoRABackend")
+    assert checked("triton", "TritonLoRABackend").plugin_report["lora_backend"] == "TritonLoRABackend"
 
 
 def test_adapter_layers_only_refuses_adapters_the_server_would_mis_serve():
