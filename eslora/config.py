@@ -109,8 +109,9 @@ class TaskConfig:
 @dataclass
 class SGLangConfig:
     python: str = ""  # interpreter that has sglang; empty = this one
-    # SGLang's csgmv | triton | torch_native, or eslora's dense (its SGLang plugin: every adapter slot's
-    # LoRA as dense GEMMs, eslora/backends/dense_lora.py; needs eslora installed in the server's Python)
+    # SGLang's csgmv | triton | torch_native, or eslora's dense | gathered (its SGLang plugin: every
+    # adapter slot's LoRA as dense GEMMs, eslora/backends/dense_lora.py, or each token's own slot's in
+    # Triton kernels, eslora/backends/gathered_lora.py; needs eslora installed in the server's Python)
     lora_backend: str = "triton"
     # csgmv's --max-lora-chunk-size (16, 32, 64, 128; 0 = SGLang's default, 16). SGLang picks 128-row
     # chunks for batches of >= 256 tokens (every prefill chunk, decode past 256 requests) but caps
@@ -202,8 +203,6 @@ class Config:
 
 
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype: what every backend can run
-# The modules backend.sglang.lora_backend=dense computes LoRA for (SGLang's fused qkv / gate_up and o / down)
-DENSE_LORA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 
 
 class ConfigError(EsloraError, ValueError):
@@ -240,11 +239,14 @@ def validate(cfg: Config) -> None:
     module owns (run, model, lora) are checked here.
     """
     from eslora.backends import validate_config as validate_backend
+    from eslora.backends.sglang_plugin import LORA_BACKEND_CLASSES, PROJECTION_MODULES
     from eslora.cluster import validate_config as validate_cluster
     from eslora.es import validate_config as validate_es
     from eslora.tasks import validate_config as validate_task
     from eslora.tracking import TRACKERS
 
+    # eslora's own SGLang LoRA backends read SGLang's buffers as rank lora.r on the 7 projections
+    plugin_backend = cfg.backend.name == "sglang" and cfg.backend.sglang.lora_backend in LORA_BACKEND_CLASSES
     checks = [
         (cfg.run.generations >= 0, "run.generations must be >= 0"),
         (cfg.run.time_limit_min >= 0, "run.time_limit_min must be >= 0 (0 = no limit)"),
@@ -260,14 +262,12 @@ def validate(cfg: Config) -> None:
         (not (cfg.backend.name == "sglang" and cfg.backend.sglang.adapter_layers_only and cfg.lora.layers is None),
          "backend.sglang.adapter_layers_only=true needs lora.layers: with lora.layers=null every layer is trained, "
          "so there is no layer to run without LoRA kernels"),
-        (not (cfg.backend.name == "sglang" and cfg.backend.sglang.lora_backend == "dense"
-              and cfg.backend.sglang.max_lora_rank not in (0, cfg.lora.r)),
-         f"backend.sglang.lora_backend=dense needs every adapter at the server's max rank: leave "
-         f"backend.sglang.max_lora_rank at 0 or lora.r={cfg.lora.r}, not {cfg.backend.sglang.max_lora_rank}"),
-        (not (cfg.backend.name == "sglang" and cfg.backend.sglang.lora_backend == "dense"
-              and not set(cfg.lora.target_modules) <= DENSE_LORA_MODULES),
-         f"backend.sglang.lora_backend=dense serves LoRA on {', '.join(sorted(DENSE_LORA_MODULES))}; "
-         f"lora.target_modules={list(cfg.lora.target_modules)} has others"),
+        (not (plugin_backend and cfg.backend.sglang.max_lora_rank not in (0, cfg.lora.r)),
+         f"backend.sglang.lora_backend={cfg.backend.sglang.lora_backend} needs every adapter at the server's max rank: "
+         f"leave backend.sglang.max_lora_rank at 0 or lora.r={cfg.lora.r}, not {cfg.backend.sglang.max_lora_rank}"),
+        (not (plugin_backend and not set(cfg.lora.target_modules) <= PROJECTION_MODULES),
+         f"backend.sglang.lora_backend={cfg.backend.sglang.lora_backend} serves LoRA on "
+         f"{', '.join(sorted(PROJECTION_MODULES))}; lora.target_modules={list(cfg.lora.target_modules)} has others"),
     ]
     for ok, message in checks:
         if not ok:

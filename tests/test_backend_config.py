@@ -37,12 +37,13 @@ def test_a_graph_limit_with_graphs_turned_off_fails_at_load_naming_both_keys():
     assert load_config(None, ["backend.sglang.cuda_graph_max_bs=512"]).backend.sglang.cuda_graph_max_bs == 512
 
 
-def test_the_dense_lora_backend_needs_full_rank_adapters_on_projection_modules():
-    """backend.sglang.lora_backend=dense reads SGLang's buffers as every adapter at the server's
-    max rank, and computes the projection modules' LoRA only: anything else fails at load."""
-    with pytest.raises(ConfigError, match=r"lora_backend=dense needs every adapter at the server's max rank: .* lora\.r=1, not 4"):
-        load_config(None, ["backend.name=sglang", "backend.sglang.lora_backend=dense", "lora.r=1", "backend.sglang.max_lora_rank=4"])
-    with pytest.raises(ConfigError, match=r"lora_backend=dense serves LoRA on down_proj, .*lora\.target_modules=\['q_proj', 'lm_head'\] has others"):
-        load_config(None, ["backend.name=sglang", "backend.sglang.lora_backend=dense", "lora.target_modules=[q_proj,lm_head]"])
-    cfg = load_config("configs/countdown_sglang.yaml", ["backend.sglang.lora_backend=dense", "backend.sglang.max_lora_rank=1"])
-    assert cfg.backend.sglang.lora_backend == "dense" and cfg.lora.r == 1
+@pytest.mark.parametrize("name", ["dense", "gathered"])
+def test_eslora_lora_backends_need_full_rank_adapters_on_projection_modules(name):
+    """backend.sglang.lora_backend=dense / gathered read SGLang's buffers as every adapter at the
+    server's max rank, and compute the projection modules' LoRA only: anything else fails at load."""
+    with pytest.raises(ConfigError, match=rf"lora_backend={name} needs every adapter at the server's max rank: .* lora\.r=1, not 4"):
+        load_config(None, ["backend.name=sglang", f"backend.sglang.lora_backend={name}", "lora.r=1", "backend.sglang.max_lora_rank=4"])
+    with pytest.raises(ConfigError, match=rf"lora_backend={name} serves LoRA on down_proj, .*lora\.target_modules=\['q_proj', 'lm_head'\] has others"):
+        load_config(None, ["backend.name=sglang", f"backend.sglang.lora_backend={name}", "lora.target_modules=[q_proj,lm_head]"])
+    cfg = load_config("configs/countdown_sglang.yaml", [f"backend.sglang.lora_backend={name}", "backend.sglang.max_lora_rank=1"])
+    assert cfg.backend.sglang.lora_backend == name and cfg.lora.r == 1

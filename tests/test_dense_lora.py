@@ -7,35 +7,7 @@ import pytest
 import torch
 
 from eslora.backends.dense_lora import expand, shrink, slot_coefficients
-
-
-def reference_delta(x, a_weights, b_weights, token_slots, scalings, ranks, offsets):
-    """Token t's LoRA output in float64: scaling * B_i (A_i x_t) per slice i, with its own slot's
-    weights (SGLang's per-segment kernels); zero for a slot of rank 0."""
-    rank = b_weights.shape[-1]
-    out = torch.zeros(x.shape[0], b_weights.shape[1], dtype=torch.float64)
-    for t in range(x.shape[0]):
-        s = int(token_slots[t])
-        if int(ranks[s]) == 0:
-            continue
-        for i in range(len(offsets) - 1):
-            lo, hi = offsets[i], offsets[i + 1]
-            a = a_weights[s, i * rank:(i + 1) * rank].double()
-            out[t, lo:hi] = float(scalings[s]) * (b_weights[s, lo:hi].double() @ (a @ x[t].double()))
-    return out
-
-
-def _case(tokens: int, slots: int, rank: int, in_dim: int, offsets: list[int], dtype=torch.float32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    stacked = len(offsets) - 1
-    x = torch.randn(tokens, in_dim, generator=g).to(dtype)
-    a = torch.randn(slots, stacked * rank, in_dim, generator=g).to(dtype)
-    b = torch.randn(slots, offsets[-1], rank, generator=g).to(dtype)
-    token_slots = torch.randint(0, slots, (tokens,), generator=g, dtype=torch.int32)
-    scalings = torch.rand(slots, generator=g) + 0.5
-    ranks = torch.full((slots,), rank, dtype=torch.int32)
-    ranks[slots - 1] = 0  # an empty slot (the base model's requests)
-    return x, a, b, token_slots, scalings, ranks
+from lora_reference import make_case, reference_delta
 
 
 @pytest.mark.parametrize("rank, offsets", [
@@ -45,7 +17,7 @@ def _case(tokens: int, slots: int, rank: int, in_dim: int, offsets: list[int], d
     (4, [0, 16, 20, 24]),
 ])
 def test_dense_matches_each_tokens_own_adapter(rank, offsets):
-    x, a, b, token_slots, scalings, ranks = _case(tokens=37, slots=5, rank=rank, in_dim=40, offsets=offsets)
+    x, a, b, token_slots, scalings, ranks = make_case(tokens=37, slots=5, rank=rank, in_dim=40, offsets=offsets)
     assert (token_slots == 4).any() and (token_slots != 4).any(), "the case needs base rows and adapter rows"
     base = torch.randn(37, offsets[-1])
     delta = reference_delta(x, a, b, token_slots, scalings, ranks, offsets)
@@ -63,7 +35,7 @@ def test_dense_matches_each_tokens_own_adapter(rank, offsets):
 
 def test_bf16_stays_close_to_the_float64_reference():
     offsets = [0, 64, 80, 96]
-    x, a, b, token_slots, scalings, ranks = _case(tokens=64, slots=8, rank=1, in_dim=128, offsets=offsets,
+    x, a, b, token_slots, scalings, ranks = make_case(tokens=64, slots=8, rank=1, in_dim=128, offsets=offsets,
                                                   dtype=torch.bfloat16, seed=3)
     out = expand(shrink(x, a, slot_coefficients(token_slots, scalings, ranks)), b, offsets)
     assert out.dtype == torch.bfloat16
@@ -84,7 +56,7 @@ def test_coefficients_fill_a_static_buffer_in_place():
 
 
 def test_slices_must_match_the_rank():
-    x, a, b, token_slots, scalings, ranks = _case(tokens=4, slots=2, rank=2, in_dim=8, offsets=[0, 6, 12])
+    x, a, b, token_slots, scalings, ranks = make_case(tokens=4, slots=2, rank=2, in_dim=8, offsets=[0, 6, 12])
     z = shrink(x, a, slot_coefficients(token_slots, scalings, ranks))
     with pytest.raises(ValueError, match="4 columns per slot; 3 slices of rank 2 need 6"):
         expand(z, b, [0, 4, 8, 12])

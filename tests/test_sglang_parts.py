@@ -51,10 +51,11 @@ def test_csgmv_chunk_size_is_passed_only_when_set_and_only_to_csgmv():
         sglang_command("backend.sglang.max_lora_chunk_size=128", "backend.sglang.lora_backend=triton")
 
 
-def test_the_dense_lora_backend_starts_sglang_on_triton():
+@pytest.mark.parametrize("name", ["dense", "gathered"])
+def test_eslora_lora_backends_start_sglang_on_triton(name):
     # eslora's plugin puts its backend in the place of SGLang's triton backend (sglang_plugin.py)
-    cmd = sglang_command("backend.sglang.lora_backend=dense")
-    assert cmd[cmd.index("--lora-backend") + 1] == "triton" and "dense" not in cmd
+    cmd = sglang_command(f"backend.sglang.lora_backend={name}")
+    assert cmd[cmd.index("--lora-backend") + 1] == "triton" and name not in cmd
     assert sglang_command()[sglang_command().index("--lora-backend") + 1] == "triton"  # measured faster than csgmv
 
 
@@ -274,21 +275,22 @@ def test_plugin_keys_without_eslora_in_the_servers_python_fail_at_start(stand_in
     assert env[sglang_plugin.LEAN_LOADS_ENV] == "1" and sglang_plugin.LAYERS_ENV not in env
     with pytest.raises(BackendError, match="^backend.sglang.lean_adapter_loads=true, but eslora's SGLang plugin did not run"):
         lean.start()
-    dense = stand_in("backend.sglang.lora_backend=dense")
-    env = dense._env()
-    assert env[sglang_plugin.DENSE_ENV] == "1" and sglang_plugin.REPORT_ENV in env
-    with pytest.raises(BackendError, match="^backend.sglang.lora_backend=dense, but eslora's SGLang plugin did not run"):
-        dense.start()
+    gathered = stand_in("backend.sglang.lora_backend=gathered")
+    env = gathered._env()
+    assert env[sglang_plugin.LORA_BACKEND_ENV] == "gathered" and sglang_plugin.REPORT_ENV in env
+    with pytest.raises(BackendError, match="^backend.sglang.lora_backend=gathered, but eslora's SGLang plugin did not run"):
+        gathered.start()
     plain = stand_in("lora.layers=[0,1]")
-    assert not {sglang_plugin.LAYERS_ENV, sglang_plugin.LEAN_LOADS_ENV, sglang_plugin.DENSE_ENV,
+    assert not {sglang_plugin.LAYERS_ENV, sglang_plugin.LEAN_LOADS_ENV, sglang_plugin.LORA_BACKEND_ENV,
                 sglang_plugin.REPORT_ENV} & set(plain._env())
     plain.start()  # without the keys nothing is asked of the server's Python
 
 
-def test_a_server_that_did_not_build_the_dense_backend_is_refused(tmp_path):
+def test_a_server_that_did_not_build_the_asked_backend_is_refused(tmp_path):
     """The plugin's report names the LoRA backend class SGLang built: with lora_backend=dense,
     SGLang's own triton class (the plugin ran, but its backend was not put in place) is an error,
-    and the dense class is accepted; without dense, the dense class is an error too."""
+    and so is the other plugin class; the dense class is accepted. Without a plugin backend, a
+    plugin class is an error too."""
     def checked(lora_backend: str, built: str) -> SGLangBackend:
         cfg = load_config("configs/countdown_sglang.yaml", [f"backend.sglang.lora_backend={lora_backend}",
                                                            f"backend.sglang.adapter_dir={tmp_path}",
@@ -303,6 +305,11 @@ def test_a_server_that_did_not_build_the_dense_backend_is_refused(tmp_path):
     with pytest.raises(BackendError, match="the LoRA backend TritonLoRABackend; the config asked .*lora_backend dense"):
         checked("dense", "TritonLoRABackend")
     assert checked("dense", "DenseLoRABackend").plugin_report["lora_backend"] == "DenseLoRABackend"
+    with pytest.raises(BackendError, match="the LoRA backend GatheredLoRABackend; the config asked .*lora_backend dense"):
+        checked("dense", "GatheredLoRABackend")
+    assert checked("gathered", "GatheredLoRABackend").plugin_report["lora_backend"] == "GatheredLoRABackend"
+    with pytest.raises(BackendError, match="the LoRA backend GatheredLoRABackend; the config asked .*lora_backend csgmv"):
+        checked("csgmv", "GatheredLoRABackend")
     with pytest.raises(BackendError, match="the LoRA backend DenseLoRABackend; the config asked .*lora_backend triton"):
         checked("triton", "DenseLoRABackend")
     assert checked("triton", "TritonLoRABackend").plugin_report["lora_backend"] == "TritonLoRABackend"

@@ -10,6 +10,7 @@ import sys
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -101,7 +102,7 @@ def test_without_its_variables_the_plugin_does_nothing(monkeypatch):
     # import SGLang's hook registry) unless the backend asked for it.
     monkeypatch.delenv(sglang_plugin.LAYERS_ENV, raising=False)
     monkeypatch.setenv(sglang_plugin.LEAN_LOADS_ENV, "0")
-    monkeypatch.delenv(sglang_plugin.DENSE_ENV, raising=False)
+    monkeypatch.delenv(sglang_plugin.LORA_BACKEND_ENV, raising=False)
     modules = set(sys.modules)
     assert sglang_plugin.register() is None
     assert not any(name.startswith("sglang") for name in set(sys.modules) - modules)
@@ -117,3 +118,11 @@ def test_sglang_finds_the_plugin_through_its_entry_point_group():
     found = {ep.name: ep for ep in entry_points(group="sglang.srt.plugins")}
     assert "eslora" in found, "pyproject.toml's entry point is not installed (pip install -e .)"
     assert found["eslora"].load() is sglang_plugin.register
+
+
+def test_an_unknown_lora_backend_in_the_variable_fails_in_the_server(monkeypatch):
+    # eslora sets the variable only from a validated config; a hand-set wrong value must not be
+    # taken for SGLang's own triton backend
+    monkeypatch.setenv(sglang_plugin.LORA_BACKEND_ENV, "gatherd")
+    with pytest.raises(ValueError, match="ESLORA_SGLANG_LORA_BACKEND='gatherd': use one of dense, gathered"):
+        sglang_plugin.register()

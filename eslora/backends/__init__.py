@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from eslora.lora import LoraSpec
 
 BACKENDS = ("hf", "sglang", "vllm")
-# backend.sglang.lora_backend: SGLang 0.5.17's own, and eslora's plugin backend (sglang_plugin.py)
-SGLANG_LORA_BACKENDS = ("csgmv", "triton", "torch_native", "dense")
+# backend.sglang.lora_backend: SGLang 0.5.17's own, and eslora's plugin backends (sglang_plugin.py)
+SGLANG_LORA_BACKENDS = ("csgmv", "triton", "torch_native", "dense", "gathered")
 
 
 def make_backend(

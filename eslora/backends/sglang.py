@@ -51,8 +51,8 @@ def build_command(backend_cfg: Any, spec: LoraSpec, dtype: str, model_path: str,
         "--max-loras-per-batch", str(n),
         "--max-lora-rank", str(sg.max_lora_rank or spec.r),
         "--lora-target-modules", *spec.target_modules,
-        # dense is eslora's plugin backend, which takes the place of SGLang's triton backend
-        "--lora-backend", "triton" if sg.lora_backend == "dense" else sg.lora_backend,
+        # dense and gathered are eslora's plugin backends, which take the place of SGLang's triton backend
+        "--lora-backend", "triton" if sg.lora_backend in sglang_plugin.LORA_BACKEND_CLASSES else sg.lora_backend,
         *(["--max-lora-chunk-size", str(sg.max_lora_chunk_size)] if sg.max_lora_chunk_size else []),
         "--dtype", dtype,
     ]
@@ -158,7 +158,8 @@ class SGLangBackend(ServerBackend):
     def plugin_keys(self) -> list[str]:
         """The config keys that need eslora's SGLang plugin in the server, as set."""
         keys = [f"backend.sglang.{key}=true" for key in ("adapter_layers_only", "lean_adapter_loads") if getattr(self.sg, key)]
-        return keys + (["backend.sglang.lora_backend=dense"] if self.sg.lora_backend == "dense" else [])
+        plugin_backend = self.sg.lora_backend in sglang_plugin.LORA_BACKEND_CLASSES
+        return keys + ([f"backend.sglang.lora_backend={self.sg.lora_backend}"] if plugin_backend else [])
 
     def _env(self) -> dict[str, str]:
         env = super()._env()
@@ -166,8 +167,8 @@ class SGLangBackend(ServerBackend):
             env[sglang_plugin.LAYERS_ENV] = sglang_plugin.format_layers(self.kept_layers)
         if self.sg.lean_adapter_loads:
             env[sglang_plugin.LEAN_LOADS_ENV] = "1"
-        if self.sg.lora_backend == "dense":
-            env[sglang_plugin.DENSE_ENV] = "1"
+        if self.sg.lora_backend in sglang_plugin.LORA_BACKEND_CLASSES:
+            env[sglang_plugin.LORA_BACKEND_ENV] = self.sg.lora_backend
         if self.plugin_keys:
             env[sglang_plugin.REPORT_ENV] = str(self._plugin_report)
         return env
@@ -184,9 +185,11 @@ class SGLangBackend(ServerBackend):
                 "entry point `eslora` of the group sglang.srt.plugins), and do not leave it out of SGLANG_PLUGINS"
             ) from None
         expected = [i for i in self.kept_layers or range(report["layers"]) if i < report["layers"]]
-        dense = report.get("lora_backend") == "DenseLoRABackend"
+        plugin_classes = set(sglang_plugin.LORA_BACKEND_CLASSES.values())
+        built = report.get("lora_backend")
+        wanted = sglang_plugin.LORA_BACKEND_CLASSES.get(self.sg.lora_backend)
         if (report["kept_layers"] != expected or report["lean_loads"] != self.sg.lean_adapter_loads
-                or dense != (self.sg.lora_backend == "dense")):
+                or (built != wanted if wanted else built in plugin_classes)):
             raise BackendError(f"eslora's SGLang plugin kept LoRA on layers {report['kept_layers']} with lean loads "
                                f"{report['lean_loads']} and the LoRA backend {report.get('lora_backend')}; the config "
                                f"asked for layers {expected}, lean loads {self.sg.lean_adapter_loads}, lora_backend "

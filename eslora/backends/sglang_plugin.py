@@ -10,10 +10,11 @@
   log level, and each query empties the CUDA cache (`get_available_gpu_memory(empty_cache=True)`):
   four per member, in the scheduler's loop, each a device-wide sync whose freed blocks later
   allocations pay for again.
-- `backend.sglang.lora_backend=dense` (ESLORA_SGLANG_DENSE_LORA=1): the server is started with
-  `--lora-backend triton` and the plugin puts `DenseLoRABackend` in that name's place: SGLang's
-  triton backend with the LoRA of the projection modules as dense GEMMs over all adapter slots
-  (`eslora.backends.dense_lora`: why, and the math).
+- `backend.sglang.lora_backend=dense` or `gathered` (ESLORA_SGLANG_LORA_BACKEND): the server is
+  started with `--lora-backend triton` and the plugin puts its own backend class in that name's
+  place: SGLang's triton backend with the LoRA of the projection modules computed by eslora, as
+  dense GEMMs over all adapter slots (`eslora.backends.dense_lora`) or in Triton kernels that gather
+  each token's own slot's weights (`eslora.backends.gathered_lora`): why, and the math, there.
 
 It is loaded through SGLang's plugin framework (`sglang.srt.plugins`, the entry point
 `eslora` in pyproject.toml), which calls `register()` early in every SGLang process
@@ -26,13 +27,18 @@ Only the standard library is imported at module level: this runs inside SGLang's
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Iterable, Sequence
 
 LAYERS_ENV = "ESLORA_SGLANG_LORA_LAYERS"
 LEAN_LOADS_ENV = "ESLORA_SGLANG_LEAN_LOADS"
-DENSE_ENV = "ESLORA_SGLANG_DENSE_LORA"
+LORA_BACKEND_ENV = "ESLORA_SGLANG_LORA_BACKEND"
+# backend.sglang.lora_backend values the plugin serves -> the class its report then names
+LORA_BACKEND_CLASSES = {"dense": "DenseLoRABackend", "gathered": "GatheredLoRABackend"}
+# the modules those backends compute LoRA for (SGLang's fused qkv / gate_up and o / down)
+PROJECTION_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 REPORT_ENV = "ESLORA_SGLANG_PLUGIN_REPORT"
 MANAGER = "sglang.srt.lora.lora_manager.LoRAManager"
 
@@ -68,94 +74,154 @@ def _lean_loads() -> bool:
     return os.environ.get(LEAN_LOADS_ENV) == "1"
 
 
-def _dense() -> bool:
-    return os.environ.get(DENSE_ENV) == "1"
+def _plugin_lora_backend() -> str:
+    name = os.environ.get(LORA_BACKEND_ENV, "")
+    if name and name not in LORA_BACKEND_CLASSES:
+        raise ValueError(f"{LORA_BACKEND_ENV}={name!r}: use one of {', '.join(LORA_BACKEND_CLASSES)}")
+    return name
 
 
-def dense_backend_class() -> type:
-    """SGLang's TritonLoRABackend with the projection modules' LoRA as dense GEMMs over all slots.
+def plugin_backend_class(name: str) -> type:
+    """SGLang's TritonLoRABackend with the projection modules' LoRA computed by eslora: `dense`
+    (every slot's weights through cuBLAS, eslora.backends.dense_lora) or `gathered` (each token's own
+    slot's weights in two Triton kernels per module, eslora.backends.gathered_lora).
 
-    Prefill and decode alike: each forward's per-token slot coefficients are computed once in
-    `prepare_lora_batch` (outside any CUDA graph; under a decode graph into a static buffer the
-    captured GEMMs read) and shared by every LoRA module of every layer. The lm_head's pruned
-    LoRA and the embedding's stay triton's; prefill CUDA graphs are declined (their static
-    metadata is triton's segments)."""
+    Prefill and decode alike: each forward's per-token slots (and the tables the math reads) are
+    computed once in `prepare_lora_batch` (outside any CUDA graph; under a decode graph into
+    static buffers the captured kernels read) and shared by every LoRA module of every layer. The
+    lm_head's pruned LoRA and the embedding's stay triton's; prefill CUDA graphs are declined
+    (their static metadata is triton's segments)."""
     import torch
     from sglang.srt.lora.backend.triton_backend import TritonLoRABackend
 
-    from eslora.backends import dense_lora
-
-    class DenseLoRABackend(TritonLoRABackend):
+    class ProjectionLoRABackend(TritonLoRABackend):
         name = "triton"  # what SGLang was told; the report names the class
         supports_prefill_cuda_graph = False
 
         def __init__(self, max_loras_per_batch: int, device: Any, **kwargs: Any) -> None:
             super().__init__(max_loras_per_batch, device, **kwargs)
-            self.coefficients: Any = None  # (tokens, slots) float32 of the prepared forward
-            self._graph_coefficients: Any = None
             self._graph_tokens_per_req = 1
+            self._graph_token_slots: Any = None  # static, when a graph's request holds several tokens
 
         def init_cuda_graph_batch_info(self, max_bs_in_cuda_graph: int, num_tokens_per_req: int) -> None:
             super().init_cuda_graph_batch_info(max_bs_in_cuda_graph, num_tokens_per_req)
             self._graph_tokens_per_req = num_tokens_per_req
-            self._graph_coefficients = torch.zeros(max_bs_in_cuda_graph * num_tokens_per_req, self.max_loras_per_batch,
-                                                   dtype=torch.float32, device="cuda")
+            max_tokens = max_bs_in_cuda_graph * num_tokens_per_req
+            if num_tokens_per_req > 1:
+                self._graph_token_slots = torch.zeros(max_tokens, dtype=torch.int32, device="cuda")
+            self.init_graph_tables(max_tokens)
+
+        def init_graph_tables(self, max_tokens: int) -> None:
+            """Allocate the static buffers `prepare_tables` writes under CUDA graphs."""
+
+        def prepare_tables(self, token_slots: Any, use_cuda_graph: bool) -> None:
+            """This forward's tables from each token's slot (`token_slots`, static under graphs)."""
+            raise NotImplementedError
 
         def prepare_lora_batch(self, forward_batch: Any, weight_indices: list[int], lora_ranks: list[int],
                                scalings: list[float], use_cuda_graph: bool, use_prefill_cuda_graph: bool = False) -> None:
             super().prepare_lora_batch(forward_batch, weight_indices, lora_ranks, scalings, use_cuda_graph,
                                        use_prefill_cuda_graph)
             info, bs = self.batch_info, forward_batch.batch_size
-            slots = info.weight_indices[:bs]
-            if use_cuda_graph:
-                if self._graph_tokens_per_req > 1:
-                    slots = slots.repeat_interleave(self._graph_tokens_per_req)
-                self.coefficients = dense_lora.slot_coefficients(slots, info.scalings, info.lora_ranks,
-                                                                 out=self._graph_coefficients)
-                return
-            if forward_batch.forward_mode.is_extend():
+            slots = info.weight_indices[:bs]  # under graphs a view of triton's static buffer
+            if use_cuda_graph and self._graph_tokens_per_req > 1:
+                tokens = bs * self._graph_tokens_per_req
+                self._graph_token_slots[:tokens].copy_(slots.repeat_interleave(self._graph_tokens_per_req))
+                slots = self._graph_token_slots[:tokens]
+            elif not use_cuda_graph and forward_batch.forward_mode.is_extend():
                 slots = torch.repeat_interleave(slots, info.seg_lens[:bs].long(),
                                                 output_size=int(sum(forward_batch.extend_seq_lens_cpu)))
-            self.coefficients = dense_lora.slot_coefficients(slots, info.scalings, info.lora_ranks)
+            self.prepare_tables(slots, use_cuda_graph)
 
         def compute_sgemm_routing(self, use_cuda_graph: bool) -> None:
             # triton's per-decode sort of tokens by adapter (argsort, searchsorted, copies) feeds only
             # the segment kernels replaced here; the lm_head's pruned rows bring their own batch info
             self.sgemm_batch_info = None
 
+        def shrink(self, x: Any, weights: Any) -> Any:
+            raise NotImplementedError
+
+        def expand(self, z: Any, weights: Any, offsets: Sequence[int], base_output: Any) -> Any:
+            raise NotImplementedError
+
         def run_lora_a_sgemm(self, x: Any, weights: Any, pruned_batch_info: Any = None, stack_num: int = 1,
                              *args: Any, **kwargs: Any) -> Any:
             if pruned_batch_info is not None:  # the lm_head's pruned rows: triton's segments
                 return super().run_lora_a_sgemm(x, weights, pruned_batch_info, stack_num, *args, **kwargs)
-            return dense_lora.shrink(x, weights, self.coefficients)
+            return self.shrink(x, weights)
 
         def run_lora_b_sgemm(self, x: Any, weights: Any, base_output: Any = None, pruned_batch_info: Any = None,
                              *args: Any, **kwargs: Any) -> Any:
             if pruned_batch_info is not None:
                 return super().run_lora_b_sgemm(x, weights, base_output, pruned_batch_info, *args, **kwargs)
-            return dense_lora.expand(x, weights, (0, weights.shape[-2]), base_output)
+            return self.expand(x, weights, (0, weights.shape[-2]), base_output)
 
         def run_qkv_lora(self, x: Any, qkv_lora_a: Any, qkv_lora_b: Any, output_offset: Any, max_qkv_out_dim: int,
                          base_output: Any = None, n_slices: int = 3, *args: Any, **kwargs: Any) -> Any:
             offsets = kwargs.get("output_offset_cpu")
             offsets = (offsets if offsets is not None else output_offset).tolist()  # the CPU copy: no sync
-            return dense_lora.expand(dense_lora.shrink(x, qkv_lora_a, self.coefficients), qkv_lora_b, offsets,
-                                     base_output)
+            return self.expand(self.shrink(x, qkv_lora_a), qkv_lora_b, offsets, base_output)
 
         def run_gate_up_lora(self, x: Any, gate_up_lora_a: Any, gate_up_lora_b: Any, base_output: Any = None,
                              *args: Any, **kwargs: Any) -> Any:
             half = gate_up_lora_b.shape[-2] // 2
-            return dense_lora.expand(dense_lora.shrink(x, gate_up_lora_a, self.coefficients), gate_up_lora_b,
-                                     (0, half, 2 * half), base_output)
+            return self.expand(self.shrink(x, gate_up_lora_a), gate_up_lora_b, (0, half, 2 * half), base_output)
 
-    return DenseLoRABackend
+    if name == "dense":
+        from eslora.backends import dense_lora
+
+        class DenseLoRABackend(ProjectionLoRABackend):
+            coefficients: Any = None  # (tokens, slots) float32 of the prepared forward
+            _graph_coefficients: Any = None
+
+            def init_graph_tables(self, max_tokens: int) -> None:
+                self._graph_coefficients = torch.zeros(max_tokens, self.max_loras_per_batch, dtype=torch.float32,
+                                                       device="cuda")
+
+            def prepare_tables(self, token_slots: Any, use_cuda_graph: bool) -> None:
+                info = self.batch_info
+                self.coefficients = dense_lora.slot_coefficients(
+                    token_slots, info.scalings, info.lora_ranks, out=self._graph_coefficients if use_cuda_graph else None)
+
+            def shrink(self, x: Any, weights: Any) -> Any:
+                return dense_lora.shrink(x, weights, self.coefficients)
+
+            def expand(self, z: Any, weights: Any, offsets: Sequence[int], base_output: Any) -> Any:
+                return dense_lora.expand(z, weights, offsets, base_output)
+
+        return DenseLoRABackend
+    if name == "gathered":
+        from eslora.backends import gathered_lora
+
+        class GatheredLoRABackend(ProjectionLoRABackend):
+            token_slots: Any = None  # (tokens,) of the prepared forward
+            scales: Any = None  # (slots,) float32: each slot's scaling, 0 without an adapter
+            _graph_scales: Any = None
+
+            def init_graph_tables(self, max_tokens: int) -> None:
+                self._graph_scales = torch.zeros(self.max_loras_per_batch, dtype=torch.float32, device="cuda")
+
+            def prepare_tables(self, token_slots: Any, use_cuda_graph: bool) -> None:
+                info = self.batch_info
+                self.token_slots = token_slots
+                self.scales = gathered_lora.slot_scales(info.scalings[: self.max_loras_per_batch], info.lora_ranks,
+                                                        out=self._graph_scales if use_cuda_graph else None)
+
+            def shrink(self, x: Any, weights: Any) -> Any:
+                return gathered_lora.shrink(x, weights, self.token_slots, self.scales)
+
+            def expand(self, z: Any, weights: Any, offsets: Sequence[int], base_output: Any) -> Any:
+                return gathered_lora.expand(z, weights, offsets, self.token_slots, self.scales, base_output)
+
+        return GatheredLoRABackend
+    raise ValueError(f"no eslora LoRA backend {name!r}: use one of {', '.join(LORA_BACKEND_CLASSES)}")
 
 
-def use_dense_backend() -> None:
-    """Put DenseLoRABackend in the registry under the name `triton` (the server's --lora-backend)."""
+def use_plugin_backend(name: str) -> None:
+    """Put eslora's LoRA backend `name` in the registry under the name `triton` (the server's --lora-backend)."""
     from sglang.srt.lora.backend import lora_registry
 
-    lora_registry.LORA_SUPPORTED_BACKENDS["triton"] = dense_backend_class
+    lora_registry.LORA_SUPPORTED_BACKENDS["triton"] = functools.partial(plugin_backend_class, name)
 
 
 def _after_init_lora_modules(result: Any, manager: Any, *args: Any, **kwargs: Any) -> None:
@@ -185,12 +251,13 @@ def unload_without_memory_queries(manager: Any, lora_ref: Any) -> Any:
 
 def register() -> None:
     """SGLang's general-plugin entry point: hook LoRAManager as the backend asked, if it did."""
-    if not (os.environ.get(LAYERS_ENV) or _lean_loads() or _dense()):
+    lora_backend = _plugin_lora_backend()
+    if not (os.environ.get(LAYERS_ENV) or _lean_loads() or lora_backend):
         return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    if _dense():
-        use_dense_backend()
+    if lora_backend:
+        use_plugin_backend(lora_backend)
     HookRegistry.register(f"{MANAGER}.init_lora_modules", _after_init_lora_modules, HookType.AFTER)  # also the report
     if _lean_loads():
         HookRegistry.register(f"{MANAGER}.load_lora_adapter", load_without_memory_queries, HookType.REPLACE)
