@@ -8,7 +8,7 @@ the model at --model, members' tokens contiguous as eslora sends them), each bac
 layers is captured in one CUDA graph (as SGLang's decode graphs hold it) and replayed: milliseconds
 per decode step, against the same step's base projection GEMMs captured alike. The backends:
 SGLang's triton (`TritonLoRABackend`) and csgmv (`ChunkedSgmvLoRABackend`, chunk 16 and 128), and
-eslora's dense (`sglang_plugin.dense_backend_class`). Each backend's output is also compared with
+eslora's dense and gathered (`sglang_plugin.plugin_backend_class`). Each backend's output is also compared with
 triton's on the same inputs (relative max difference).
 """
 
@@ -96,9 +96,9 @@ def make_backend(kind: str, slots: int, tokens: int) -> Any:
         from sglang.srt.lora.backend.chunked_backend import ChunkedSgmvLoRABackend as cls
         chunk = int(kind.removeprefix("csgmv") or 16)
         backend = cls(slots, torch.device("cuda"), server_args=SimpleNamespace(max_lora_chunk_size=chunk))
-    else:
-        from eslora.backends.sglang_plugin import dense_backend_class
-        backend = dense_backend_class()(slots, torch.device("cuda"))
+    else:  # eslora's dense, gathered
+        from eslora.backends.sglang_plugin import plugin_backend_class
+        backend = plugin_backend_class(kind)(slots, torch.device("cuda"))
     backend.init_cuda_graph_batch_info(tokens, 1)
     return backend
 
@@ -182,7 +182,7 @@ def main() -> int:
     ap.add_argument("--tokens", default="256,512,1024", help="decode batch sizes (running requests)")
     ap.add_argument("--slots", default="9,33", help="adapter slots (SGLang's --max-loras-per-batch + 1 for the base)")
     ap.add_argument("--rank", type=int, default=1)
-    ap.add_argument("--backends", default="triton,dense,csgmv16,csgmv128")
+    ap.add_argument("--backends", default="triton,dense,gathered,csgmv16,csgmv128")
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args()
     d = model_dims(args.model)

@@ -352,28 +352,29 @@ def test_plugin_levers_serve_the_same_text(cfg, det_backend):
     assert again == reference, f"only {same}/{16 * 32} completions equal with the plugin's levers on"
 
 
-def test_dense_lora_backend_agrees_with_sglangs_kernels(cfg):
-    """backend.sglang.lora_backend=dense (eslora's plugin backend: every slot's LoRA as dense GEMMs)
-    against SGLang's own kernels (the config's backend) on the same adapters: first-token logprobs
-    of an adapter agree far more closely than the adapter and its opposite do, and rows still get
-    their own adapter (a base row, an adapter, its opposite in one request). Runs last, when the
-    earlier tests' servers are stopped (the plugin test stops det_backend); each server here is
-    started and stopped in turn."""
+def test_eslora_lora_backends_agree_with_sglangs_kernels(cfg):
+    """backend.sglang.lora_backend=dense and =gathered (eslora's plugin backends) against SGLang's
+    own kernels (the config's backend) on the same adapters: first-token logprobs of an adapter
+    agree far more closely than the adapter and its opposite do, and rows still get their own
+    adapter (a base row, an adapter, its opposite in one request). Runs last, when the earlier
+    tests' servers are stopped (the plugin test stops det_backend); each server here is started and
+    stopped in turn."""
     import dataclasses
 
+    from eslora.backends import sglang_plugin
     from eslora.backends.base import Sampling
     from eslora.lora import Adapter
 
     prompts = _prompts(8)
-    dense_cfg = dataclasses.replace(cfg, backend=dataclasses.replace(
-        cfg.backend, sglang=dataclasses.replace(cfg.backend.sglang, lora_backend="dense")))
+    runs = [("kernels", cfg)] + [(name, dataclasses.replace(cfg, backend=dataclasses.replace(
+        cfg.backend, sglang=dataclasses.replace(cfg.backend.sglang, lora_backend=name)))) for name in ("dense", "gathered")]
     results = {}
-    for label, run_cfg in (("kernels", cfg), ("dense", dense_cfg)):
+    for label, run_cfg in runs:
         backend = _make(run_cfg)
         try:
             backend.start()
-            if label == "dense":
-                assert backend.plugin_report["lora_backend"] == "DenseLoRABackend", backend.plugin_report
+            if label != "kernels":
+                assert backend.plugin_report["lora_backend"] == sglang_plugin.LORA_BACKEND_CLASSES[label], backend.plugin_report
             small = backend.random_adapter("small", seed=11, scale=0.05)
             opposite = Adapter("opposite", small.spec, {k: (-v if "lora_B" in k else v) for k, v in small.tensors.items()})
             names = backend._load_batch([small, opposite])
@@ -387,18 +388,19 @@ def test_dense_lora_backend_agrees_with_sglangs_kernels(cfg):
             backend.stop()
         results[label] = (logprobs, texts)
     (k_small, k_base, k_opp), k_texts = results["kernels"]
-    (d_small, d_base, d_opp), d_texts = results["dense"]
-    to_kernels = max(_gap(x, y) for x, y in zip(d_small, k_small))
-    base_gap = max(_gap(x, y) for x, y in zip(d_base, k_base))
-    to_opposite = sorted(_gap(x, y) for x, y in zip(d_small, d_opp))[len(prompts) // 2]
-    same_text = sum(x == y for r, a in zip(k_texts, d_texts) for x, y in zip(r, a)) / (16 * 32)
-    print(f"\n[sglang] dense vs kernels: first-token logprob gap {to_kernels:.4f} (base rows {base_gap:.4f}); "
-          f"dense adapter to its opposite median {to_opposite:.3f}; same 64-token text {same_text:.0%}")
-    assert base_gap < 0.05, "base-model rows changed under the dense backend: a row took another slot's LoRA"
-    # Two implementations round differently (the kernels round the LoRA product before adding it,
-    # cuBLAS adds it in float32 and rounds once), and across 28 layers that moves a top-5 logprob by
-    # ~0.1 (0.121 on the H200 in session 10, against 1.017 to the opposite: first written as < 0.1,
-    # that run failed). Where a row took another slot's weights, its gap would be the opposite's.
-    assert to_kernels < to_opposite / 5, (f"the dense backend's adapter logprobs are {to_kernels:.3f} from SGLang's "
-                                          f"kernels', not far below the {to_opposite:.3f} to its opposite")
-    assert all(t for row in d_texts for t in row), "the dense backend served empty completions"
+    for label in ("dense", "gathered"):
+        (d_small, d_base, d_opp), d_texts = results[label]
+        to_kernels = max(_gap(x, y) for x, y in zip(d_small, k_small))
+        base_gap = max(_gap(x, y) for x, y in zip(d_base, k_base))
+        to_opposite = sorted(_gap(x, y) for x, y in zip(d_small, d_opp))[len(prompts) // 2]
+        same_text = sum(x == y for r, a in zip(k_texts, d_texts) for x, y in zip(r, a)) / (16 * 32)
+        print(f"\n[sglang] {label} vs kernels: first-token logprob gap {to_kernels:.4f} (base rows {base_gap:.4f}); "
+              f"{label} adapter to its opposite median {to_opposite:.3f}; same 64-token text {same_text:.0%}")
+        assert base_gap < 0.05, f"base-model rows changed under the {label} backend: a row took another slot's LoRA"
+        # Two implementations round differently (the kernels round the LoRA product before adding it,
+        # eslora's add it in float32 and round once), and across 28 layers that moves a top-5 logprob
+        # by ~0.1 (dense: 0.121 on the H200 in session 10, against 1.017 to the opposite: first written
+        # as < 0.1, that run failed). Where a row took another slot's weights, its gap would be the opposite's.
+        assert to_kernels < to_opposite / 5, (f"the {label} backend's adapter logprobs are {to_kernels:.3f} from "
+                                              f"SGLang's kernels', not far below the {to_opposite:.3f} to its opposite")
+        assert all(t for row in d_texts for t in row), f"the {label} backend served empty completions"
