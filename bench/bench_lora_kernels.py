@@ -4,12 +4,14 @@ decode time goes). GPU only; no server: SGLang's own LoRA backend classes on SGL
     PYTHONPATH=/tmp/site:. python3 bench/bench_lora_kernels.py --model /tmp/model   # writes $OUT/lora_kernels.json
 
 For each decode batch (tokens x adapter slots, rank 1, the 7 projection modules of every layer of
-the model at --model, members' tokens contiguous as eslora sends them), each backend's LoRA for all
-layers is captured in one CUDA graph (as SGLang's decode graphs hold it) and replayed: milliseconds
-per decode step, against the same step's base projection GEMMs captured alike. The backends:
-SGLang's triton (`TritonLoRABackend`) and csgmv (`ChunkedSgmvLoRABackend`, chunk 16 and 128), and
-eslora's dense and gathered (`sglang_plugin.plugin_backend_class`). Each backend's output is also compared with
-triton's on the same inputs (relative max difference).
+the model at --model; members' tokens contiguous as eslora sends them, or with --shuffled in a
+random order, as a server's running batch holds them once requests finish and others join), each
+backend's LoRA for all layers is captured in one CUDA graph (as SGLang's decode graphs hold it)
+and replayed: milliseconds per decode step, against the same step's base projection GEMMs
+captured alike. The backends: SGLang's triton (`TritonLoRABackend`) and csgmv
+(`ChunkedSgmvLoRABackend`, chunk 16 and 128), and eslora's dense and gathered
+(`sglang_plugin.plugin_backend_class`). Each backend's output is also compared with triton's on
+the same inputs (relative max difference).
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def make_backend(kind: str, slots: int, tokens: int) -> Any:
     return backend
 
 
-def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[str], replays: int) -> dict[str, Any]:
+def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[str], replays: int,
+            shuffled: bool = False) -> dict[str, Any]:
     gen = torch.Generator(device="cuda").manual_seed(tokens * 100 + slots)
     layers = [layer_buffers(d, slots, rank, gen) for _ in range(d["layers"])]
     h, q, kv, inter = d["hidden"], d["q"], d["kv"], d["intermediate"]
@@ -121,6 +124,9 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
             "down": torch.zeros(tokens, h, dtype=torch.bfloat16, device="cuda")}
     # slot 0 is the base model's (rank 0) as in SGLang's pool; members fill slots 1.. contiguously
     weight_indices = [1 + t * (slots - 1) // tokens for t in range(tokens)]
+    if shuffled:  # a server's running batch: requests of different members interleaved
+        order = torch.randperm(tokens, generator=torch.Generator().manual_seed(tokens)).tolist()
+        weight_indices = [weight_indices[i] for i in order]
     ranks = [0] + [rank] * (slots - 1)
     scalings = [0.0] + [2.0] * (slots - 1)
     batch = SimpleNamespace(batch_size=tokens, forward_mode=DecodeMode())
@@ -141,7 +147,7 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
                                          base_output=outs["down"])
         return run
 
-    result: dict[str, Any] = {"tokens": tokens, "slots": slots, "rank": rank}
+    result: dict[str, Any] = {"tokens": tokens, "slots": slots, "rank": rank, "shuffled": shuffled}
     reference = None
     for kind in kinds:
         try:
@@ -184,6 +190,8 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--backends", default="triton,dense,gathered,csgmv16,csgmv128")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--shuffled", action="store_true",
+                    help="tokens' slots in a random order (as a server's running batch holds them) instead of contiguous")
     args = ap.parse_args()
     d = model_dims(args.model)
     kinds = args.backends.split(",")
@@ -191,7 +199,7 @@ def main() -> int:
     for tokens in (int(t) for t in args.tokens.split(",")):
         for slots in (int(s) for s in args.slots.split(",")):
             t0 = time.perf_counter()
-            row = measure(d, tokens, slots, args.rank, kinds, args.replays)
+            row = measure(d, tokens, slots, args.rank, kinds, args.replays, args.shuffled)
             rows.append(row)
             print(json.dumps(row), f"({time.perf_counter() - t0:.1f} s)", flush=True)
     record = {"model": args.model, "dims": d, "device": torch.cuda.get_device_name(), "rows": rows,
