@@ -11,7 +11,9 @@ and replayed: milliseconds per decode step, against the same step's base project
 captured alike. The backends: SGLang's triton (`TritonLoRABackend`) and csgmv
 (`ChunkedSgmvLoRABackend`, chunk 16 and 128), and eslora's dense and gathered
 (`sglang_plugin.plugin_backend_class`). Each backend's output is also compared with triton's on
-the same inputs (relative max difference).
+the same inputs (relative max difference). eslora's fused backend puts the LoRA inside the base
+GEMM, so it is timed with the projections (`fused_projections_ms`; `fused_ms` is that less the
+base projections); `fused_nodown` leaves down_proj's LoRA to gathered's kernels.
 """
 
 from __future__ import annotations
@@ -147,13 +149,61 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
                                          base_output=outs["down"])
         return run
 
+    weights = [(torch.randn(q + 2 * kv, h, generator=gen, device="cuda").to(torch.bfloat16),
+                torch.randn(h, q, generator=gen, device="cuda").to(torch.bfloat16),
+                torch.randn(2 * inter, h, generator=gen, device="cuda").to(torch.bfloat16),
+                torch.randn(h, inter, generator=gen, device="cuda").to(torch.bfloat16)) for _ in range(d["layers"])]
+
+    def fused_step(backend: Any, fuse_down: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+        """The four projections of every layer with their LoRA inside the GEMM (eslora's fused
+        backend; down_proj's by gathered's kernels unless `fuse_down`): a step as the server runs
+        it, and a step on zero base weights that writes the LoRA alone into the four outputs."""
+        from eslora.backends import fused_lora
+
+        built = []  # per module: x, A, B, slice offsets, output name, base weight, extended weight or None
+        for w, (wqkv, wo, wgu, wd) in zip(layers, weights):
+            for x, a, b, offsets, out, weight in ((x_h, w["qkv_a"], w["qkv_b"], qkv_off, "qkv", wqkv),
+                                                  (x_o, w["o_a"], w["o_b"], [0, h], "o", wo),
+                                                  (x_h, w["gate_up_a"], w["gate_up_b"], [0, inter, 2 * inter], "gate_up", wgu),
+                                                  (x_d, w["down_a"], w["down_b"], [0, h], "down", wd)):
+                extended = None
+                if out != "down" or fuse_down:
+                    extended = fused_lora.extend_weight(torch.zeros_like(weight), slots, a.shape[1])
+                    for slot in range(slots):
+                        fused_lora.write_slot(extended, weight.shape[1], b, slot, offsets)
+                built.append((x, a, b, offsets, out, weight, extended))
+
+        def lora_alone() -> None:  # the extended weights' base columns are still zero here
+            for x, a, b, offsets, out, weight, extended in built:
+                if extended is not None:
+                    outs[out].copy_(fused_lora.linear(x, extended, None, a, backend.token_slots, backend.scales))
+                else:
+                    backend.expand(backend.shrink(x, a), b, offsets, outs[out])
+
+        def run() -> None:
+            for x, a, b, offsets, out, weight, extended in built:
+                if extended is not None:
+                    fused_lora.linear(x, extended, None, a, backend.token_slots, backend.scales)
+                else:
+                    backend.expand(backend.shrink(x, a), b, offsets, torch.matmul(x, weight.t()))
+
+        def with_base_weights() -> Callable[[], None]:
+            for x, a, b, offsets, out, weight, extended in built:
+                if extended is not None:
+                    extended[:, :weight.shape[1]].copy_(weight)
+            return run
+        return lora_alone, with_base_weights
+
     result: dict[str, Any] = {"tokens": tokens, "slots": slots, "rank": rank, "shuffled": shuffled}
     reference = None
     for kind in kinds:
         try:
-            backend = make_backend(kind, slots, tokens)
+            fused = kind in ("fused", "fused_nodown")
+            backend = make_backend("fused" if fused else kind, slots, tokens)
             backend.prepare_lora_batch(batch, weight_indices, ranks, scalings, use_cuda_graph=True)
-            run = step(backend)
+            run, timed = step(backend), None
+            if fused:
+                run, timed = fused_step(backend, fuse_down=kind == "fused")
             for out in outs.values():
                 out.zero_()
             run()  # one eager step: every layer's LoRA delta added into the four outputs
@@ -163,20 +213,22 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
                 reference = got
             scale = reference.abs().max().item()
             result[f"{kind}_rel_max_diff_vs_{kinds[0]}"] = (got - reference).abs().max().item() / max(scale, 1e-30)
-            result[f"{kind}_ms"] = time_graph(run, replays)
+            if timed is None:
+                result[f"{kind}_ms"] = time_graph(run, replays)
+            else:  # the LoRA's share is known once the base projections are timed, below
+                result[f"{kind}_projections_ms"] = time_graph(timed(), replays)
         except Exception as err:  # a backend that cannot run this shape: recorded, the others go on
             frame = traceback.extract_tb(err.__traceback__)[-1]  # an assert's message is often empty: where it failed
             result[f"{kind}_error"] = f"{type(err).__name__}: {err} ({Path(frame.filename).name}:{frame.lineno})"
-    weights = [(torch.randn(q + 2 * kv, h, generator=gen, device="cuda").to(torch.bfloat16),
-                torch.randn(h, q, generator=gen, device="cuda").to(torch.bfloat16),
-                torch.randn(2 * inter, h, generator=gen, device="cuda").to(torch.bfloat16),
-                torch.randn(h, inter, generator=gen, device="cuda").to(torch.bfloat16)) for _ in range(d["layers"])]
 
     def base_step() -> None:
         for wqkv, wo, wgu, wd in weights:
             torch.matmul(x_h, wqkv.t()), torch.matmul(x_o, wo.t()), torch.matmul(x_h, wgu.t()), torch.matmul(x_d, wd.t())
 
     result["base_projections_ms"] = time_graph(base_step, replays)
+    for kind in kinds:  # a fused backend's LoRA: what its projections take beyond the base ones
+        if f"{kind}_projections_ms" in result:
+            result[f"{kind}_ms"] = result[f"{kind}_projections_ms"] - result["base_projections_ms"]
     del weights, layers
     torch.cuda.empty_cache()
     return result
@@ -188,7 +240,7 @@ def main() -> int:
     ap.add_argument("--tokens", default="256,512,1024", help="decode batch sizes (running requests)")
     ap.add_argument("--slots", default="9,33", help="adapter slots (SGLang's --max-loras-per-batch + 1 for the base)")
     ap.add_argument("--rank", type=int, default=1)
-    ap.add_argument("--backends", default="triton,dense,gathered,csgmv16,csgmv128")
+    ap.add_argument("--backends", default="triton,dense,gathered,fused,fused_nodown,csgmv16,csgmv128")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--shuffled", action="store_true",
                     help="tokens' slots in a random order (as a server's running batch holds them) instead of contiguous")

@@ -109,9 +109,10 @@ class TaskConfig:
 @dataclass
 class SGLangConfig:
     python: str = ""  # interpreter that has sglang; empty = this one
-    # SGLang's csgmv | triton | torch_native, or eslora's dense | gathered (its SGLang plugin: every
-    # adapter slot's LoRA as dense GEMMs, eslora/backends/dense_lora.py, or each token's own slot's in
-    # Triton kernels, eslora/backends/gathered_lora.py; needs eslora installed in the server's Python)
+    # SGLang's csgmv | triton | torch_native, or eslora's dense | gathered | fused (its SGLang plugin:
+    # every adapter slot's LoRA as dense GEMMs, eslora/backends/dense_lora.py; each token's own slot's
+    # in Triton kernels, eslora/backends/gathered_lora.py; or inside the base GEMM,
+    # eslora/backends/fused_lora.py; these need eslora installed in the server's Python)
     lora_backend: str = "triton"
     # csgmv's --max-lora-chunk-size (16, 32, 64, 128; 0 = SGLang's default, 16). SGLang picks 128-row
     # chunks for batches of >= 256 tokens (every prefill chunk, decode past 256 requests) but caps

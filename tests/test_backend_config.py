@@ -37,9 +37,9 @@ def test_a_graph_limit_with_graphs_turned_off_fails_at_load_naming_both_keys():
     assert load_config(None, ["backend.sglang.cuda_graph_max_bs=512"]).backend.sglang.cuda_graph_max_bs == 512
 
 
-@pytest.mark.parametrize("name", ["dense", "gathered"])
+@pytest.mark.parametrize("name", ["dense", "gathered", "fused"])
 def test_eslora_lora_backends_need_full_rank_adapters_on_projection_modules(name):
-    """backend.sglang.lora_backend=dense / gathered read SGLang's buffers as every adapter at the
+    """backend.sglang.lora_backend=dense / gathered / fused read SGLang's buffers as every adapter at the
     server's max rank, and compute the projection modules' LoRA only: anything else fails at load."""
     with pytest.raises(ConfigError, match=rf"lora_backend={name} needs every adapter at the server's max rank: .* lora\.r=1, not 4"):
         load_config(None, ["backend.name=sglang", f"backend.sglang.lora_backend={name}", "lora.r=1", "backend.sglang.max_lora_rank=4"])

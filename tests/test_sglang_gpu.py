@@ -352,8 +352,46 @@ def test_plugin_levers_serve_the_same_text(cfg, det_backend):
     assert again == reference, f"only {same}/{16 * 32} completions equal with the plugin's levers on"
 
 
-def test_eslora_lora_backends_agree_with_sglangs_kernels(cfg):
-    """backend.sglang.lora_backend=dense and =gathered (eslora's plugin backends) against SGLang's
+PLUGIN_BACKENDS = ("dense", "gathered", "fused")
+
+
+def _backend_run(run_cfg, label: str):
+    """Start a server with `run_cfg`, take its LoRA outputs, stop it: first-token logprobs of an
+    adapter, a base row and the adapter's opposite in one request, and 64-token texts of 16 members
+    on 32 prompts (decode graphs, 2 batches)."""
+    from eslora.backends import sglang_plugin
+    from eslora.backends.base import Sampling
+    from eslora.lora import Adapter
+
+    backend = _make(run_cfg)
+    try:
+        backend.start()
+        if label != "kernels":
+            assert backend.plugin_report["lora_backend"] == sglang_plugin.LORA_BACKEND_CLASSES[label], backend.plugin_report
+        small = backend.random_adapter("small", seed=11, scale=0.05)
+        opposite = Adapter("opposite", small.spec, {k: (-v if "lora_B" in k else v) for k, v in small.tensors.items()})
+        names = backend._load_batch([small, opposite])
+        try:
+            logprobs = _first_token_logprobs(backend, _prompts(8), [names[0], None, names[1]])
+        finally:
+            backend._unload(names)
+        members = [backend.random_adapter(f"d{i}", seed=500 + i, scale=0.05) for i in range(16)]
+        texts = _texts(backend.generate(_prompts(32), members, Sampling(max_new_tokens=64)))
+    finally:
+        backend.stop()
+    return logprobs, texts
+
+
+@pytest.fixture(scope="module")
+def kernels_run(cfg):
+    """SGLang's own kernels (the config's lora_backend) on the adapters the plugin backends are
+    compared with: one server, shared by every backend's test."""
+    return _backend_run(cfg, "kernels")
+
+
+@pytest.mark.parametrize("label", PLUGIN_BACKENDS)
+def test_eslora_lora_backends_agree_with_sglangs_kernels(cfg, kernels_run, label):
+    """backend.sglang.lora_backend=dense, =gathered and =fused (eslora's plugin backends) against SGLang's
     own kernels (the config's backend) on the same adapters: first-token logprobs of an adapter
     agree far more closely than the adapter and its opposite do, and rows still get their own
     adapter (a base row, an adapter, its opposite in one request). Runs last, when the earlier
@@ -361,46 +399,22 @@ def test_eslora_lora_backends_agree_with_sglangs_kernels(cfg):
     stopped in turn."""
     import dataclasses
 
-    from eslora.backends import sglang_plugin
-    from eslora.backends.base import Sampling
-    from eslora.lora import Adapter
-
     prompts = _prompts(8)
-    runs = [("kernels", cfg)] + [(name, dataclasses.replace(cfg, backend=dataclasses.replace(
-        cfg.backend, sglang=dataclasses.replace(cfg.backend.sglang, lora_backend=name)))) for name in ("dense", "gathered")]
-    results = {}
-    for label, run_cfg in runs:
-        backend = _make(run_cfg)
-        try:
-            backend.start()
-            if label != "kernels":
-                assert backend.plugin_report["lora_backend"] == sglang_plugin.LORA_BACKEND_CLASSES[label], backend.plugin_report
-            small = backend.random_adapter("small", seed=11, scale=0.05)
-            opposite = Adapter("opposite", small.spec, {k: (-v if "lora_B" in k else v) for k, v in small.tensors.items()})
-            names = backend._load_batch([small, opposite])
-            try:
-                logprobs = _first_token_logprobs(backend, prompts, [names[0], None, names[1]])
-            finally:
-                backend._unload(names)
-            members = [backend.random_adapter(f"d{i}", seed=500 + i, scale=0.05) for i in range(16)]
-            texts = _texts(backend.generate(_prompts(32), members, Sampling(max_new_tokens=64)))  # decode graphs, 2 batches
-        finally:
-            backend.stop()
-        results[label] = (logprobs, texts)
-    (k_small, k_base, k_opp), k_texts = results["kernels"]
-    for label in ("dense", "gathered"):
-        (d_small, d_base, d_opp), d_texts = results[label]
-        to_kernels = max(_gap(x, y) for x, y in zip(d_small, k_small))
-        base_gap = max(_gap(x, y) for x, y in zip(d_base, k_base))
-        to_opposite = sorted(_gap(x, y) for x, y in zip(d_small, d_opp))[len(prompts) // 2]
-        same_text = sum(x == y for r, a in zip(k_texts, d_texts) for x, y in zip(r, a)) / (16 * 32)
-        print(f"\n[sglang] {label} vs kernels: first-token logprob gap {to_kernels:.4f} (base rows {base_gap:.4f}); "
-              f"{label} adapter to its opposite median {to_opposite:.3f}; same 64-token text {same_text:.0%}")
-        assert base_gap < 0.05, f"base-model rows changed under the {label} backend: a row took another slot's LoRA"
-        # Two implementations round differently (the kernels round the LoRA product before adding it,
-        # eslora's add it in float32 and round once), and across 28 layers that moves a top-5 logprob
-        # by ~0.1 (dense: 0.121 on the H200 in session 10, against 1.017 to the opposite: first written
-        # as < 0.1, that run failed). Where a row took another slot's weights, its gap would be the opposite's.
-        assert to_kernels < to_opposite / 5, (f"the {label} backend's adapter logprobs are {to_kernels:.3f} from "
-                                              f"SGLang's kernels', not far below the {to_opposite:.3f} to its opposite")
-        assert all(t for row in d_texts for t in row), f"the {label} backend served empty completions"
+    run_cfg = dataclasses.replace(cfg, backend=dataclasses.replace(
+        cfg.backend, sglang=dataclasses.replace(cfg.backend.sglang, lora_backend=label)))
+    (d_small, d_base, d_opp), d_texts = _backend_run(run_cfg, label)
+    (k_small, k_base, k_opp), k_texts = kernels_run
+    to_kernels = max(_gap(x, y) for x, y in zip(d_small, k_small))
+    base_gap = max(_gap(x, y) for x, y in zip(d_base, k_base))
+    to_opposite = sorted(_gap(x, y) for x, y in zip(d_small, d_opp))[len(prompts) // 2]
+    same_text = sum(x == y for r, a in zip(k_texts, d_texts) for x, y in zip(r, a)) / (16 * 32)
+    print(f"\n[sglang] {label} vs kernels: first-token logprob gap {to_kernels:.4f} (base rows {base_gap:.4f}); "
+          f"{label} adapter to its opposite median {to_opposite:.3f}; same 64-token text {same_text:.0%}")
+    assert base_gap < 0.05, f"base-model rows changed under the {label} backend: a row took another slot's LoRA"
+    # Two implementations round differently (the kernels round the LoRA product before adding it,
+    # eslora's add it in float32 and round once), and across 28 layers that moves a top-5 logprob
+    # by ~0.1 (dense: 0.121 on the H200 in session 10, against 1.017 to the opposite: first written
+    # as < 0.1, that run failed). Where a row took another slot's weights, its gap would be the opposite's.
+    assert to_kernels < to_opposite / 5, (f"the {label} backend's adapter logprobs are {to_kernels:.3f} from "
+                                          f"SGLang's kernels', not far below the {to_opposite:.3f} to its opposite")
+    assert all(t for row in d_texts for t in row), f"the {label} backend served empty completions"

@@ -51,7 +51,7 @@ def test_csgmv_chunk_size_is_passed_only_when_set_and_only_to_csgmv():
         sglang_command("backend.sglang.max_lora_chunk_size=128", "backend.sglang.lora_backend=triton")
 
 
-@pytest.mark.parametrize("name", ["dense", "gathered"])
+@pytest.mark.parametrize("name", ["dense", "gathered", "fused"])
 def test_eslora_lora_backends_start_sglang_on_triton(name):
     # eslora's plugin puts its backend in the place of SGLang's triton backend (sglang_plugin.py)
     cmd = sglang_command(f"backend.sglang.lora_backend={name}")
@@ -291,14 +291,15 @@ def test_a_server_that_did_not_build_the_asked_backend_is_refused(tmp_path):
     SGLang's own triton class (the plugin ran, but its backend was not put in place) is an error,
     and so is the other plugin class; the dense class is accepted. Without a plugin backend, a
     plugin class is an error too."""
-    def checked(lora_backend: str, built: str) -> SGLangBackend:
+    def checked(lora_backend: str, built: str, fused_modules: int = 0) -> SGLangBackend:
         cfg = load_config("configs/countdown_sglang.yaml", [f"backend.sglang.lora_backend={lora_backend}",
                                                            f"backend.sglang.adapter_dir={tmp_path}",
                                                            "backend.sglang.lean_adapter_loads=true"])
         backend = SGLangBackend(cfg.backend, "/models/m", LoraSpec.from_config(cfg.lora), cfg.model.dtype)
         backend.adapter_root.mkdir(parents=True, exist_ok=True)
         backend._plugin_report.write_text(json.dumps({"kept_layers": [0, 1], "unwrapped_modules": 0, "layers": 2,
-                                                      "lean_loads": True, "lora_backend": built}))
+                                                      "lean_loads": True, "lora_backend": built,
+                                                      "fused_modules": fused_modules}))
         backend._check_plugin()
         return backend
 
@@ -308,6 +309,12 @@ def test_a_server_that_did_not_build_the_asked_backend_is_refused(tmp_path):
     with pytest.raises(BackendError, match="the LoRA backend GatheredLoRABackend; the config asked .*lora_backend dense"):
         checked("dense", "GatheredLoRABackend")
     assert checked("gathered", "GatheredLoRABackend").plugin_report["lora_backend"] == "GatheredLoRABackend"
+    # fused's class, but no projection given the fused GEMM: the server would run gathered's kernels
+    with pytest.raises(BackendError, match=r"the LoRA backend FusedLoRABackend; .*lora_backend fused \(it fused no projection's GEMM\)"):
+        checked("fused", "FusedLoRABackend")
+    assert checked("fused", "FusedLoRABackend", fused_modules=8).plugin_report["fused_modules"] == 8
+    with pytest.raises(BackendError, match="the LoRA backend GatheredLoRABackend; the config asked .*lora_backend fused"):
+        checked("fused", "GatheredLoRABackend", fused_modules=8)
     with pytest.raises(BackendError, match="the LoRA backend GatheredLoRABackend; the config asked .*lora_backend csgmv"):
         checked("csgmv", "GatheredLoRABackend")
     with pytest.raises(BackendError, match="the LoRA backend DenseLoRABackend; the config asked .*lora_backend triton"):

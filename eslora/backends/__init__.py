@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("hf", "sglang", "vllm")
 # backend.sglang.lora_backend: SGLang 0.5.17's own, and eslora's plugin backends (sglang_plugin.py)
-SGLANG_LORA_BACKENDS = ("csgmv", "triton", "torch_native", "dense", "gathered")
+SGLANG_LORA_BACKENDS = ("csgmv", "triton", "torch_native", "dense", "gathered", "fused")
 
 
 def make_backend(

@@ -85,7 +85,7 @@ def _expand_kernel(z_ptr, b_ptr, token_slots_ptr, scales_ptr, out_ptr, tokens, n
     tl.store(out_ptrs, (base.to(tl.float32) + acc).to(base.dtype), mask=out_ok)
 
 
-def _shrink_block_m(tokens: int) -> int:
+def shrink_block_m(tokens: int) -> int:
     # at least ~128 programs: a token's product is one dot over K per stacked row, so parallelism
     # comes from tokens alone (down_proj's K of 8,960 on few rows is the slow case)
     return max(1, min(16, triton.next_power_of_2(max(1, tokens // 128))))
@@ -101,7 +101,7 @@ def shrink(x: torch.Tensor, a_weights: torch.Tensor, token_slots: torch.Tensor, 
     z = torch.empty(tokens, stacked, dtype=torch.float32, device=x.device)
     if tokens == 0:
         return z
-    block_m = _shrink_block_m(tokens)
+    block_m = shrink_block_m(tokens)
     stacked_pow2 = triton.next_power_of_2(stacked)
     block_k = max(16, min(512, 4096 // (block_m * stacked_pow2)))
     _shrink_kernel[(triton.cdiv(tokens, block_m),)](

@@ -51,7 +51,7 @@ def build_command(backend_cfg: Any, spec: LoraSpec, dtype: str, model_path: str,
         "--max-loras-per-batch", str(n),
         "--max-lora-rank", str(sg.max_lora_rank or spec.r),
         "--lora-target-modules", *spec.target_modules,
-        # dense and gathered are eslora's plugin backends, which take the place of SGLang's triton backend
+        # dense, gathered and fused are eslora's plugin backends, which take the place of SGLang's triton backend
         "--lora-backend", "triton" if sg.lora_backend in sglang_plugin.LORA_BACKEND_CLASSES else sg.lora_backend,
         *(["--max-lora-chunk-size", str(sg.max_lora_chunk_size)] if sg.max_lora_chunk_size else []),
         "--dtype", dtype,
@@ -188,12 +188,13 @@ class SGLangBackend(ServerBackend):
         plugin_classes = set(sglang_plugin.LORA_BACKEND_CLASSES.values())
         built = report.get("lora_backend")
         wanted = sglang_plugin.LORA_BACKEND_CLASSES.get(self.sg.lora_backend)
+        fused_nothing = self.sg.lora_backend == "fused" and not report.get("fused_modules")
         if (report["kept_layers"] != expected or report["lean_loads"] != self.sg.lean_adapter_loads
-                or (built != wanted if wanted else built in plugin_classes)):
+                or (built != wanted if wanted else built in plugin_classes) or fused_nothing):
             raise BackendError(f"eslora's SGLang plugin kept LoRA on layers {report['kept_layers']} with lean loads "
                                f"{report['lean_loads']} and the LoRA backend {report.get('lora_backend')}; the config "
                                f"asked for layers {expected}, lean loads {self.sg.lean_adapter_loads}, lora_backend "
-                               f"{self.sg.lora_backend}")
+                               f"{self.sg.lora_backend}" + (" (it fused no projection's GEMM)" if fused_nothing else ""))
         self.plugin_report = report
 
     def _on_started(self) -> None:

@@ -10,11 +10,14 @@
   log level, and each query empties the CUDA cache (`get_available_gpu_memory(empty_cache=True)`):
   four per member, in the scheduler's loop, each a device-wide sync whose freed blocks later
   allocations pay for again.
-- `backend.sglang.lora_backend=dense` or `gathered` (ESLORA_SGLANG_LORA_BACKEND): the server is
-  started with `--lora-backend triton` and the plugin puts its own backend class in that name's
-  place: SGLang's triton backend with the LoRA of the projection modules computed by eslora, as
-  dense GEMMs over all adapter slots (`eslora.backends.dense_lora`) or in Triton kernels that gather
-  each token's own slot's weights (`eslora.backends.gathered_lora`): why, and the math, there.
+- `backend.sglang.lora_backend=dense`, `gathered` or `fused` (ESLORA_SGLANG_LORA_BACKEND): the
+  server is started with `--lora-backend triton` and the plugin puts its own backend class in that
+  name's place: SGLang's triton backend with the LoRA of the projection modules computed by eslora,
+  as dense GEMMs over all adapter slots (`eslora.backends.dense_lora`), in Triton kernels that
+  gather each token's own slot's weights (`eslora.backends.gathered_lora`), or inside the base
+  projection's GEMM over a K extended by every slot's LoRA columns (`eslora.backends.fused_lora`;
+  the plugin then also gives each projection module a base GEMM that does it, `FusedLoRALinear`):
+  why, and the math, there.
 
 It is loaded through SGLang's plugin framework (`sglang.srt.plugins`, the entry point
 `eslora` in pyproject.toml), which calls `register()` early in every SGLang process
@@ -36,7 +39,7 @@ LAYERS_ENV = "ESLORA_SGLANG_LORA_LAYERS"
 LEAN_LOADS_ENV = "ESLORA_SGLANG_LEAN_LOADS"
 LORA_BACKEND_ENV = "ESLORA_SGLANG_LORA_BACKEND"
 # backend.sglang.lora_backend values the plugin serves -> the class its report then names
-LORA_BACKEND_CLASSES = {"dense": "DenseLoRABackend", "gathered": "GatheredLoRABackend"}
+LORA_BACKEND_CLASSES = {"dense": "DenseLoRABackend", "gathered": "GatheredLoRABackend", "fused": "FusedLoRABackend"}
 # the modules those backends compute LoRA for (SGLang's fused qkv / gate_up and o / down)
 PROJECTION_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 REPORT_ENV = "ESLORA_SGLANG_PLUGIN_REPORT"
@@ -190,7 +193,7 @@ def plugin_backend_class(name: str) -> type:
                 return dense_lora.expand(z, weights, offsets, base_output)
 
         return DenseLoRABackend
-    if name == "gathered":
+    if name in ("gathered", "fused"):
         from eslora.backends import gathered_lora
 
         class GatheredLoRABackend(ProjectionLoRABackend):
@@ -213,7 +216,15 @@ def plugin_backend_class(name: str) -> type:
             def expand(self, z: Any, weights: Any, offsets: Sequence[int], base_output: Any) -> Any:
                 return gathered_lora.expand(z, weights, offsets, self.token_slots, self.scales, base_output)
 
-        return GatheredLoRABackend
+        if name == "gathered":
+            return GatheredLoRABackend
+
+        class FusedLoRABackend(GatheredLoRABackend):
+            """The per-forward tables of gathered (each token's slot, each slot's scale), read by the
+            projection modules' fused base GEMMs (`FusedLoRALinear`, installed by `fuse_projections`);
+            a module left unfused would still get gathered's kernels from this class."""
+
+        return FusedLoRABackend
     raise ValueError(f"no eslora LoRA backend {name!r}: use one of {', '.join(LORA_BACKEND_CLASSES)}")
 
 
@@ -224,10 +235,95 @@ def use_plugin_backend(name: str) -> None:
     lora_registry.LORA_SUPPORTED_BACKENDS["triton"] = functools.partial(plugin_backend_class, name)
 
 
+def lora_buffers(module: Any) -> tuple[Any, Any]:
+    """A SGLang LoRA module's (A, B) memory-pool buffers; (None, None) before SGLang points it at them."""
+    if hasattr(module, "A_buffer_qkv"):
+        return module.A_buffer_qkv, module.B_buffer_qkv
+    return getattr(module, "A_buffer", None), getattr(module, "B_buffer", None)
+
+
+class FusedLoRALinear:
+    """A projection's quant method (SGLang calls `quant_method.apply(layer, x, bias)` for the base
+    output) that returns base + each token's own adapter's LoRA from one GEMM over [x | z]
+    (eslora.backends.fused_lora). The module's own LoRA step becomes the identity, and SGLang's
+    notification of newly loaded slots (`on_lora_slots_updated`) writes their B into the GEMM's
+    extended weight. Everything else is the base method's."""
+
+    def __init__(self, module: Any, backend: Any, slots: int, stacked: int) -> None:
+        from eslora.backends import fused_lora
+
+        layer = module.base_layer
+        self.base_method, self.module, self.backend = layer.quant_method, module, backend
+        self.k_dim = layer.weight.shape[1]
+        self.extended = fused_lora.extend_weight(layer.weight.data, slots, stacked)
+        layer.weight.data = self.extended[:, : self.k_dim]  # the base GEMM's weight, now a view: kept once
+
+    def apply(self, layer: Any, x: Any, bias: Any = None) -> Any:
+        from eslora.backends import fused_lora
+
+        if not self.module.lora_active:
+            return self.base_method.apply(layer, x, bias)
+        lora_a, _ = lora_buffers(self.module)
+        return fused_lora.linear(x, self.extended, bias, lora_a, self.backend.token_slots, self.backend.scales)
+
+    def write_slots(self, slot_ids: Iterable[int]) -> None:
+        from eslora.backends import fused_lora
+
+        _, lora_b = lora_buffers(self.module)
+        if lora_b is None:  # the pool's first load (the base model's slot, all zeros) comes before
+            return
+        offsets = self.module.output_offset_cpu.tolist()
+        for slot in slot_ids:
+            fused_lora.write_slot(self.extended, self.k_dim, lora_b, slot, offsets)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "base_method":  # not set yet: no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(self.base_method, name)
+
+
+def fuse_projections(manager: Any) -> int:
+    """Install `FusedLoRALinear` on every LoRA-wrapped projection left in `manager.lora_modules`
+    (SGLang's column-parallel, merged gate_up, qkv and row-parallel LoRA layers). Returns the
+    number of modules fused."""
+    import torch
+    from sglang.srt.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
+                                        QKVParallelLinearWithLoRA, RowParallelLinearWithLoRA)
+
+    fused = 0
+    for modules in manager.lora_modules:
+        for name, module in modules.items():
+            if isinstance(module, QKVParallelLinearWithLoRA):
+                slices = 3
+            elif isinstance(module, MergedColumnParallelLinearWithLoRA):
+                slices = len(module.base_layer.output_partition_sizes)
+            elif isinstance(module, (ColumnParallelLinearWithLoRA, RowParallelLinearWithLoRA)):
+                slices = 1
+            else:
+                continue
+            if getattr(module.base_layer, "tp_size", 1) != 1:
+                # a row-parallel layer under TP reduces before its LoRA-B step: not this GEMM's shape
+                raise ValueError(f"lora_backend=fused serves one GPU per server; {name} is split over "
+                                 f"{module.base_layer.tp_size}")
+            method = FusedLoRALinear(module, manager.lora_backend, manager.max_loras_per_batch,
+                                     slices * manager.max_lora_rank)
+            module.base_layer.quant_method = method
+            module.apply_lora = _base_output_as_is
+            module.on_lora_slots_updated = method.write_slots
+            fused += 1
+    torch.cuda.empty_cache()  # the replaced weights' blocks, for the KV cache SGLang sizes next
+    return fused
+
+
+def _base_output_as_is(base_output: Any, x: Any) -> Any:
+    return base_output  # a fused module's base GEMM already added its LoRA
+
+
 def _after_init_lora_modules(result: Any, manager: Any, *args: Any, **kwargs: Any) -> None:
     layers = os.environ.get(LAYERS_ENV)
     keep = parse_layers(layers) if layers else frozenset(range(len(manager.lora_modules)))
     unwrapped = unwrap_outside(manager.base_model, manager.lora_modules, keep)
+    fused = fuse_projections(manager) if _plugin_lora_backend() == "fused" else 0
     kept = sorted(i for i, modules in enumerate(manager.lora_modules) if modules)
     report = os.environ.get(REPORT_ENV)
     if report:
@@ -235,7 +331,7 @@ def _after_init_lora_modules(result: Any, manager: Any, *args: Any, **kwargs: An
         with open(tmp, "w") as f:
             json.dump({"kept_layers": kept, "unwrapped_modules": unwrapped, "layers": len(manager.lora_modules),
                        "lean_loads": _lean_loads(), "lora_backend": type(getattr(manager, "lora_backend", None)).__name__,
-                       "pid": os.getpid()}, f)
+                       "fused_modules": fused, "pid": os.getpid()}, f)
         os.replace(tmp, report)
 
 
