@@ -100,7 +100,7 @@ def make_backend(kind: str, slots: int, tokens: int) -> Any:
         from sglang.srt.lora.backend.chunked_backend import ChunkedSgmvLoRABackend as cls
         chunk = int(kind.removeprefix("csgmv") or 16)
         backend = cls(slots, torch.device("cuda"), server_args=SimpleNamespace(max_lora_chunk_size=chunk))
-    else:  # eslora's dense, gathered
+    else:  # eslora's dense, gathered, fused
         from eslora.backends.sglang_plugin import plugin_backend_class
         backend = plugin_backend_class(kind)(slots, torch.device("cuda"))
     backend.init_cuda_graph_batch_info(tokens, 1)
@@ -154,7 +154,7 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
                 torch.randn(2 * inter, h, generator=gen, device="cuda").to(torch.bfloat16),
                 torch.randn(h, inter, generator=gen, device="cuda").to(torch.bfloat16)) for _ in range(d["layers"])]
 
-    def fused_step(backend: Any, fuse_down: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+    def fused_step(backend: Any, fuse_down: bool) -> tuple[Callable[[], None], Callable[[], Callable[[], None]]]:
         """The four projections of every layer with their LoRA inside the GEMM (eslora's fused
         backend; down_proj's by gathered's kernels unless `fuse_down`): a step as the server runs
         it, and a step on zero base weights that writes the LoRA alone into the four outputs."""
