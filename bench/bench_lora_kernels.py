@@ -176,7 +176,7 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
         def lora_alone() -> None:  # the extended weights' base columns are still zero here
             for x, a, b, offsets, out, weight, extended in built:
                 if extended is not None:
-                    outs[out].copy_(fused_lora.linear(x, extended, None, a, backend.token_slots, backend.scales))
+                    outs[out].add_(fused_lora.linear(x, extended, None, a, backend.token_slots, backend.scales))
                 else:
                     backend.expand(backend.shrink(x, a), b, offsets, outs[out])
 
