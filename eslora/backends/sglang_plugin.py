@@ -86,8 +86,9 @@ def _plugin_lora_backend() -> str:
 
 def plugin_backend_class(name: str) -> type:
     """SGLang's TritonLoRABackend with the projection modules' LoRA computed by eslora: `dense`
-    (every slot's weights through cuBLAS, eslora.backends.dense_lora) or `gathered` (each token's own
-    slot's weights in two Triton kernels per module, eslora.backends.gathered_lora).
+    (every slot's weights through cuBLAS, eslora.backends.dense_lora), `gathered` (each token's own
+    slot's weights in two Triton kernels per module, eslora.backends.gathered_lora) or `fused`
+    (gathered's tables, read by the projections' own GEMMs that `fuse_projections` installs).
 
     Prefill and decode alike: each forward's per-token slots (and the tables the math reads) are
     computed once in `prepare_lora_batch` (outside any CUDA graph; under a decode graph into
