@@ -229,8 +229,6 @@ def measure(d: dict[str, int], tokens: int, slots: int, rank: int, kinds: list[s
     for kind in kinds:  # a fused backend's LoRA: what its projections take beyond the base ones
         if f"{kind}_projections_ms" in result:
             result[f"{kind}_ms"] = result[f"{kind}_projections_ms"] - result["base_projections_ms"]
-    del weights, layers
-    torch.cuda.empty_cache()
     return result
 
 
@@ -252,6 +250,7 @@ def main() -> int:
         for slots in (int(s) for s in args.slots.split(",")):
             t0 = time.perf_counter()
             row = measure(d, tokens, slots, args.rank, kinds, args.replays, args.shuffled)
+            torch.cuda.empty_cache()  # the shape's weights and graphs, before the next one's
             rows.append(row)
             print(json.dumps(row), f"({time.perf_counter() - t0:.1f} s)", flush=True)
     record = {"model": args.model, "dims": d, "device": torch.cuda.get_device_name(), "rows": rows,

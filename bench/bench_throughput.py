@@ -190,27 +190,43 @@ def eslora_runs(cfg: Any, model_path: str, prompts: list[str], members: list, re
         backend.stop()
 
 
+def shape_key(per_call: int, in_flight: int, default: tuple[int, int]) -> str:
+    """The plain shape eslora fed by calls of `per_call` members, `in_flight` at once, is compared
+    with: `eslora_shape` for the config's own (`default`), else named by both."""
+    if (per_call, in_flight) == tuple(default):
+        return "eslora_shape"
+    return f"eslora_shape_calls_of_{per_call}_{in_flight}_in_flight"
+
+
 def plain_shapes(url: str, prompts: list[str], population: int, per_call: int, max_new_tokens: int,
-                 repeats: int, in_flight: int = 2) -> dict[str, dict[str, Any]]:
+                 repeats: int, in_flight: int = 2, other_feeds: Sequence[tuple[int, int]] = ()) -> dict[str, dict[str, Any]]:
     """The generation's base-model requests in three shapes, natural and forced stops: one call
     holding all; eslora's shape (calls of `per_call` members' prompts, `in_flight` at once, as the
-    actor is fed); the same calls one after another."""
+    actor is fed), and that of each (per_call, in_flight) in `other_feeds` (the variants' own, under
+    `shape_key`'s names); the same calls one after another."""
     from bench.bench_sglang import post_generate
 
-    calls = [prompts * min(per_call, population - start) for start in range(0, population, per_call)]
+    def calls_of(members: int) -> list[list[str]]:
+        return [prompts * min(members, population - start) for start in range(0, population, members)]
+
+    calls = calls_of(per_call)
 
     def tokens(texts: list[str], forced: bool) -> int:
         return post_generate(url, texts, max_new_tokens, forced)[1]
 
-    def fed(forced: bool) -> int:
-        with ThreadPoolExecutor(in_flight) as pool:
-            return sum(pool.map(lambda call: tokens(call, forced), calls))
+    def fed(members: int, at_once: int) -> Callable[[bool], int]:
+        def run(forced: bool) -> int:
+            with ThreadPoolExecutor(at_once) as pool:
+                return sum(pool.map(lambda call: tokens(call, forced), calls_of(members)))
+        return run
 
     shapes: dict[str, Callable[[bool], int]] = {
         "one_call": lambda forced: tokens([t for call in calls for t in call], forced),
-        "eslora_shape": fed,
+        "eslora_shape": fed(per_call, in_flight),
         "sequential_calls": lambda forced: sum(tokens(call, forced) for call in calls),
     }
+    for members, at_once in other_feeds:
+        shapes.setdefault(shape_key(members, at_once, (per_call, in_flight)), fed(members, at_once))
 
     def timed(shape: Callable[[bool], int], forced: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -225,9 +241,11 @@ def plain_shapes(url: str, prompts: list[str], population: int, per_call: int, m
     return out
 
 
-def plain_runs(cfg: Any, model_path: str, prompts: list[str], repeats: int) -> dict[str, Any]:
+def plain_runs(cfg: Any, model_path: str, prompts: list[str], repeats: int,
+               other_feeds: Sequence[tuple[int, int]] = ()) -> dict[str, Any]:
     """A plain server (the LoRA server's flags minus LoRA, plus graph and running limits covering
-    the whole generation) and the three request shapes."""
+    the whole generation) and the request shapes, with eslora's shape also as each variant feeds it
+    (`other_feeds`: (members per call, calls in flight) pairs)."""
     from bench.bench_sglang import plain_command
     from eslora.backends.server import ServerProcess, free_port
 
@@ -240,7 +258,7 @@ def plain_runs(cfg: Any, model_path: str, prompts: list[str], repeats: int) -> d
     try:
         start_s = server.start(timeout_s=cfg.backend.sglang.start_timeout_s)
         shapes = plain_shapes(server.url, prompts, population, per_call, cfg.task.max_new_tokens, repeats,
-                              cfg.cluster.calls_in_flight)
+                              cfg.cluster.calls_in_flight, other_feeds)
     finally:
         server.stop()
     return {"server_start_s": start_s, "command_flags": cmd[3:], "shapes": shapes}
@@ -383,6 +401,10 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
     variant_cfgs = {vname: load_config(args.config, [*overrides, *extra]) for vname, extra in args.variants}  # bad keys fail now
     prompts, members, _, _ = generation_inputs(cfg, model_path)
     population = len(members)
+
+    def feed(run_cfg: Any) -> tuple[int, int]:  # how a config feeds the actor: members per call, calls in flight
+        return members_per_call(run_cfg, population), run_cfg.cluster.calls_in_flight
+
     record: dict[str, Any] = {"model": name, "model_path": model_path, "device": device_name(),
                               "population": population, "prompts": len(prompts), "max_new_tokens": cfg.task.max_new_tokens,
                               "greedy": cfg.task.temperature == 0.0}
@@ -405,7 +427,8 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
         wide = part("eslora_wide", lambda: eslora_runs(wide_cfg, model_path, prompts, members, args.repeats, "eslora wide",
                                                        one_call=False))  # all members in one call already
     if "plain" not in skip:
-        plain = part("plain", lambda: plain_runs(cfg, model_path, prompts, args.repeats))
+        plain = part("plain", lambda: plain_runs(cfg, model_path, prompts, args.repeats,
+                                                 [feed(v) for v in variant_cfgs.values()]))
     if plain and eslora:
         record.update(ratios(eslora, plain["shapes"], "eslora_shape"))
         record["eslora_one_call"] = ratios(eslora["one_call"], plain["shapes"], "sequential_calls")
@@ -434,8 +457,8 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
             return
         out["overrides"] = extra
         out["same_text_share_vs_default"] = same_share(texts, default_texts)
-        if plain:
-            out.update(ratios(out, plain["shapes"], "eslora_shape"))
+        if plain:  # the same shape is the variant's own feed (its calls in flight, its members per call)
+            out.update(ratios(out, plain["shapes"], shape_key(*feed(variant_cfgs[vname]), feed(cfg))))
         if eslora:
             out["speedup_vs_default"] = eslora["wall_s"] / out["wall_s"]
             out["load_s_vs_default"] = timed_median(out["runs"], "load_s") / max(timed_median(eslora["runs"], "load_s"), 1e-9)

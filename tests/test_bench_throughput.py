@@ -220,6 +220,38 @@ def test_named_variants_run_with_their_overrides_and_skipped_parts_do_not_run(ti
     assert "p1_vs_best_plain" not in record["variants"]["triton"] and record["p1_vs_best_plain"] is None
 
 
+def test_a_variants_same_shape_is_plain_fed_as_the_variant_feeds(tiny_model_path, tmp_path, monkeypatch):
+    """P1 against the same shape compares a variant with plain requests sent as the variant sends
+    them: with 4 calls in flight its same shape is plain's 4 calls in flight, not the default's 2."""
+    import json
+    import sys
+
+    import bench.bench_throughput as bt
+
+    asked = []
+
+    def plain_runs(cfg, model_path, prompts, repeats, other_feeds=()):
+        asked.extend(other_feeds)
+        return {"shapes": {"one_call": shape(3.0, 60_000), "eslora_shape": shape(4.0, 60_000),
+                           "sequential_calls": shape(5.0, 60_000), bt.shape_key(8, 4, (8, 2)): shape(3.2, 60_000)}}
+
+    monkeypatch.setattr(bt, "eslora_runs", lambda *a, **k: {**shape(6.4, 50_000), "runs": [{"load_s": 1.0}] * 3,
+                                                            "one_call": shape(7.0, 50_000), "handoff_exposed_share": 0.02})
+    monkeypatch.setattr(bt, "plain_runs", plain_runs)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}",
+                                      "--skip", "wide,peer,reference", "--variant", "four cluster.calls_in_flight=4",
+                                      "--variant", "same backend.sglang.lora_backend=triton",
+                                      "es.population=16", "task.num_prompts=4", "cluster.batches_per_call=1"])
+    assert bt.main() == 0
+    assert bt.shape_key(8, 4, (8, 2)) == "eslora_shape_calls_of_8_4_in_flight" and bt.shape_key(8, 2, (8, 2)) == "eslora_shape"
+    assert asked == [(8, 4), (8, 2)]
+    [record] = json.loads((tmp_path / "throughput.json").read_text())
+    assert record["variants"]["four"]["p1_vs_same_shape"] == pytest.approx(6.4 / 3.2)
+    assert record["variants"]["same"]["p1_vs_same_shape"] == record["p1_vs_same_shape"] == pytest.approx(6.4 / 4.0)
+    assert record["variants"]["four"]["p1_vs_best_plain"] == pytest.approx(6.4 / 3.0)
+
+
 @pytest.mark.parametrize("variant, message", [
     ("triton", "NAME and then KEY=VALUE"),
     ("a=b c=d", "NAME and then KEY=VALUE"),
@@ -355,8 +387,10 @@ def test_plain_runs_time_every_shape_on_one_plain_server(stand_in, tiny_model_pa
     stand_in()  # the fixture's environment: `sglang.launch_server` is the stand-in
     cfg = load_config("configs/countdown_sglang.yaml", ["backend.max_loras_per_batch=2", "es.population=6",
                                                          "backend.sglang.start_timeout_s=60"])
-    out = plain_runs(cfg, str(tiny_model_path), PROMPTS, repeats=1)
+    # a variant feeding 4 calls of 2 members at once gets its own shape; one fed as the config is, none
+    out = plain_runs(cfg, str(tiny_model_path), PROMPTS, repeats=1, other_feeds=[(2, 4), (2, 2)])
     flags = out["command_flags"]
     assert "--enable-lora" not in flags and flags[flags.index("--cuda-graph-max-bs") + 1] == str(6 * len(PROMPTS))
-    assert set(out["shapes"]) == {f"{s}{f}" for s in ("one_call", "eslora_shape", "sequential_calls") for f in ("", "_forced")}
+    assert set(out["shapes"]) == {f"{s}{f}" for s in ("one_call", "eslora_shape", "sequential_calls",
+                                                      "eslora_shape_calls_of_2_4_in_flight") for f in ("", "_forced")}
     assert {s["tokens"] for s in out["shapes"].values()} == {6 * len(PROMPTS) * 3}
