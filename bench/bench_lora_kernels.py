@@ -240,11 +240,17 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--backends", default="triton,dense,gathered,fused,fused_nodown,csgmv16,csgmv128")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--fused-column-multiple", type=int, default=0,
+                    help="fused's extra K columns padded to a multiple of this (0 = fused_lora.COLUMN_MULTIPLE): "
+                         "whether cuBLAS's choice for the extended K is what fused pays at few tokens")
     ap.add_argument("--shuffled", action="store_true",
                     help="tokens' slots in a random order (as a server's running batch holds them) instead of contiguous")
     args = ap.parse_args()
     d = model_dims(args.model)
     kinds = args.backends.split(",")
+    if args.fused_column_multiple:
+        from eslora.backends import fused_lora
+        fused_lora.COLUMN_MULTIPLE = args.fused_column_multiple
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
         for slots in (int(s) for s in args.slots.split(",")):
@@ -253,7 +259,9 @@ def main() -> int:
             torch.cuda.empty_cache()  # the shape's weights and graphs, before the next one's
             rows.append(row)
             print(json.dumps(row), f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    from eslora.backends import fused_lora
     record = {"model": args.model, "dims": d, "device": torch.cuda.get_device_name(), "rows": rows,
+              "fused_column_multiple": fused_lora.COLUMN_MULTIPLE,
               "command": " ".join(["python3", "bench/bench_lora_kernels.py", *sys.argv[1:]])}
     target = out_path("lora_kernels.json")
     if target:
