@@ -271,9 +271,11 @@ class FusedLoRALinear:
         from eslora.backends import fused_lora
 
         _, lora_b = lora_buffers(self.module)
-        if lora_b is None:  # the pool's first load (the base model's slot, all zeros) comes before
+        if lora_b is None:  # the pool's first load (the base model's slot, zeros) comes before SGLang sets it
             return
         offsets = self.module.output_offset_cpu.tolist()
+        # a slot SGLang writes holds no running request: its columns meet zeros in every token's z,
+        # so a forward that reads them mid-write (another stream) adds nothing from them
         for slot in slot_ids:
             fused_lora.write_slot(self.extended, self.k_dim, lora_b, slot, offsets)
 
