@@ -1,10 +1,18 @@
-"""The multi-LoRA reference both of eslora's SGLang LoRA backends are tested against
-(tests/test_dense_lora.py, tests/test_gathered_lora.py): what SGLang's LoRA kernels compute, token
+"""The multi-LoRA reference eslora's SGLang LoRA backends are tested against
+(tests/test_dense_lora.py, tests/test_gathered_lora.py, tests/test_fused_lora.py): what SGLang's LoRA kernels compute, token
 by token in float64, on SGLang 0.5.17's buffer layouts (A (S, c * R, K), B (S, N, R))."""
 
 from __future__ import annotations
 
 import torch
+
+# (rank, slice offsets) every backend's test covers: a module's slices as SGLang's buffers hold them
+SLICE_CASES = [
+    (1, [0, 24]),                # o_proj / down_proj: one slice
+    (1, [0, 16, 20, 24]),        # qkv: q, k, v of different widths
+    (2, [0, 12, 24]),            # gate_up at rank 2
+    (4, [0, 16, 20, 24]),
+]
 
 
 def reference_delta(x, a_weights, b_weights, token_slots, scalings, ranks, offsets):

@@ -7,15 +7,10 @@ import pytest
 import torch
 
 from eslora.backends.dense_lora import expand, shrink, slot_coefficients
-from lora_reference import make_case, reference_delta
+from lora_reference import SLICE_CASES, make_case, reference_delta
 
 
-@pytest.mark.parametrize("rank, offsets", [
-    (1, [0, 24]),                # o_proj / down_proj: one slice
-    (1, [0, 16, 20, 24]),        # qkv: q, k, v of different widths
-    (2, [0, 12, 24]),            # gate_up at rank 2
-    (4, [0, 16, 20, 24]),
-])
+@pytest.mark.parametrize("rank, offsets", SLICE_CASES)
 def test_dense_matches_each_tokens_own_adapter(rank, offsets):
     x, a, b, token_slots, scalings, ranks = make_case(tokens=37, slots=5, rank=rank, in_dim=40, offsets=offsets)
     assert (token_slots == 4).any() and (token_slots != 4).any(), "the case needs base rows and adapter rows"

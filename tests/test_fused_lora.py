@@ -17,7 +17,7 @@ pytest.importorskip("triton")  # a test dependency on Linux x86-64 (pyproject.to
 from eslora.backends.fused_lora import (  # noqa: E402
     COLUMN_MULTIPLE, extend_weight, extra_columns, fused_input, linear, write_slot)
 from eslora.backends.gathered_lora import slot_scales  # noqa: E402
-from lora_reference import make_case, reference_delta  # noqa: E402
+from lora_reference import SLICE_CASES, make_case, reference_delta  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -31,12 +31,7 @@ def extended_for(weight, b, offsets):
     return extended
 
 
-@pytest.mark.parametrize("rank, offsets", [
-    (1, [0, 24]),                # o_proj / down_proj: one slice
-    (1, [0, 16, 20, 24]),        # qkv: q, k, v of different widths
-    (2, [0, 12, 24]),            # gate_up at rank 2
-    (4, [0, 16, 20, 24]),
-])
+@pytest.mark.parametrize("rank, offsets", SLICE_CASES)
 def test_fused_linear_is_the_base_projection_plus_each_tokens_own_adapter(rank, offsets):
     # 37 tokens, K of 600: several token blocks and loop steps over K, both with a ragged end
     x, a, b, token_slots, scalings, ranks = make_case(tokens=37, slots=5, rank=rank, in_dim=600, offsets=offsets)

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")  # a test dependency on Linux x86-64 (pyproject.toml)
 from eslora.backends.gathered_lora import expand, shrink, slot_scales  # noqa: E402
-from lora_reference import make_case, reference_delta  # noqa: E402
+from lora_reference import SLICE_CASES, make_case, reference_delta  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,11 +26,7 @@ def run(x, a, b, token_slots, scalings, ranks, offsets, base=None):
     return z, expand(z, b.to(DEVICE), offsets, slots, scales, base)
 
 
-@pytest.mark.parametrize("rank, offsets", [
-    (1, [0, 24]),                # o_proj / down_proj: one slice
-    (1, [0, 16, 20, 24]),        # qkv: q, k, v of different widths
-    (2, [0, 12, 24]),            # gate_up at rank 2
-    (4, [0, 16, 20, 24]),
+@pytest.mark.parametrize("rank, offsets", SLICE_CASES + [
     (1, [0, 130, 150, 300]),     # slices that cross the kernel's column blocks
 ])
 def test_gathered_matches_each_tokens_own_adapter(rank, offsets):

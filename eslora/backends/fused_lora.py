@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from eslora.backends.gathered_lora import shrink_block_m
+from eslora.backends.gathered_lora import shrink_block_m, token_slots_and_scales
 
 COLUMN_MULTIPLE = 16  # extra columns padded to keep K' a multiple of 16 elements (aligned tensor-core rows)
 
@@ -77,9 +77,7 @@ def _fused_input_kernel(x_ptr, a_ptr, token_slots_ptr, scales_ptr, xz_ptr, token
                         BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < tokens
-    slot = tl.load(token_slots_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    scale = tl.load(scales_ptr + slot, mask=row_ok, other=0.0)
-    live = row_ok & (scale != 0.0)
+    slot, scale, live = token_slots_and_scales(token_slots_ptr, scales_ptr, rows, row_ok)
     stacked = tl.arange(0, STACKED_POW2)
     cols = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm

@@ -38,14 +38,21 @@ def slot_scales(scalings: torch.Tensor, ranks: torch.Tensor, out: Optional[torch
 
 
 @triton.jit
+def token_slots_and_scales(token_slots_ptr, scales_ptr, rows, row_ok):
+    """Each row's slot (int64), that slot's scale, and whether the row has an adapter (scale != 0):
+    the start of every eslora LoRA kernel (here and in fused_lora)."""
+    slot = tl.load(token_slots_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    scale = tl.load(scales_ptr + slot, mask=row_ok, other=0.0)
+    return slot, scale, row_ok & (scale != 0.0)
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, token_slots_ptr, scales_ptr, z_ptr, tokens, k_dim,
                    stride_xm, stride_as, stride_aj, stride_zm,
                    STACKED: tl.constexpr, STACKED_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < tokens
-    slot = tl.load(token_slots_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    scale = tl.load(scales_ptr + slot, mask=row_ok, other=0.0)
-    live = row_ok & (scale != 0.0)
+    slot, scale, live = token_slots_and_scales(token_slots_ptr, scales_ptr, rows, row_ok)
     stacked = tl.arange(0, STACKED_POW2)
     cols = tl.arange(0, BLOCK_K)
     a_rows = a_ptr + slot[:, None, None] * stride_as + stacked[None, :, None] * stride_aj
@@ -70,9 +77,8 @@ def _expand_kernel(z_ptr, b_ptr, token_slots_ptr, scales_ptr, out_ptr, tokens, n
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < tokens
     col_ok = cols < n_dim
-    slot = tl.load(token_slots_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    scale = tl.load(scales_ptr + slot, mask=row_ok, other=0.0)
-    live = (row_ok & (scale != 0.0))[:, None] & col_ok[None, :]
+    slot, scale, has_adapter = token_slots_and_scales(token_slots_ptr, scales_ptr, rows, row_ok)
+    live = has_adapter[:, None] & col_ok[None, :]
     column_slice = (cols >= second_slice).to(tl.int32) + (cols >= third_slice).to(tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in tl.static_range(RANK):
