@@ -248,8 +248,8 @@ def main() -> int:
     args = ap.parse_args()
     d = model_dims(args.model)
     kinds = args.backends.split(",")
+    from eslora.backends import fused_lora
     if args.fused_column_multiple:
-        from eslora.backends import fused_lora
         fused_lora.COLUMN_MULTIPLE = args.fused_column_multiple
     rows = []
     for tokens in (int(t) for t in args.tokens.split(",")):
@@ -259,7 +259,6 @@ def main() -> int:
             torch.cuda.empty_cache()  # the shape's weights and graphs, before the next one's
             rows.append(row)
             print(json.dumps(row), f"({time.perf_counter() - t0:.1f} s)", flush=True)
-    from eslora.backends import fused_lora
     record = {"model": args.model, "dims": d, "device": torch.cuda.get_device_name(), "rows": rows,
               "fused_column_multiple": fused_lora.COLUMN_MULTIPLE,
               "command": " ".join(["python3", "bench/bench_lora_kernels.py", *sys.argv[1:]])}
