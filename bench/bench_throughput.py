@@ -36,7 +36,10 @@ Per model, each server started once and stopped before the next (one GPU):
    cache-emptying memory queries). Run for every model after all models' parts 1-5, so they
    only use what time is left (`--no-variants` skips them).
 
-`--skip wide,plain,peer,reference` leaves out parts 2-5 (a lease that measures levers only).
+`--skip wide,plain,peer,reference` leaves out parts 2-5 (a lease that measures levers only);
+`one_call` leaves out part 1's one-call generations. With several models and variants, each
+variant runs on every model before the next variant starts, so a lease cut short has the first
+variant on every model.
 Every timed run is written to throughput.json as it ends (`in_progress` and `runs_so_far` in the
 part's place until the part is done), so a lease cut mid-part keeps what that part measured.
 
@@ -384,7 +387,7 @@ def measured_part(record: dict[str, Any], key: str, fn: Callable[[], Any], save:
 
 
 LEAN = ["backend.sglang.adapter_layers_only=true", "backend.sglang.lean_adapter_loads=true"]
-OPTIONAL_PARTS = ("wide", "plain", "peer", "reference")
+OPTIONAL_PARTS = ("one_call", "wide", "plain", "peer", "reference")
 
 
 def measure_model(name: str, model_path: str, args: argparse.Namespace,
@@ -417,7 +420,8 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
 
     skip = set(args.skip)
     default_texts: list[str] = []
-    eslora = part("eslora", lambda: eslora_runs(cfg, model_path, prompts, members, args.repeats, "eslora", texts=default_texts))
+    eslora = part("eslora", lambda: eslora_runs(cfg, model_path, prompts, members, args.repeats, "eslora",
+                                                one_call="one_call" not in skip, texts=default_texts))
     if eslora:
         record["handoff_exposed_share"] = eslora["handoff_exposed_share"]
     wide = plain = None
@@ -431,7 +435,8 @@ def measure_model(name: str, model_path: str, args: argparse.Namespace,
                                                  [feed(v) for v in variant_cfgs.values()]))
     if plain and eslora:
         record.update(ratios(eslora, plain["shapes"], "eslora_shape"))
-        record["eslora_one_call"] = ratios(eslora["one_call"], plain["shapes"], "sequential_calls")
+        if "one_call" in eslora:
+            record["eslora_one_call"] = ratios(eslora["one_call"], plain["shapes"], "sequential_calls")
     if plain and wide:
         record["wide"] = ratios(wide, plain["shapes"], "one_call")
         record["p1_wide_vs_best_plain"] = record["wide"]["p1_vs_best_plain"]
@@ -495,7 +500,7 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "countdown_sglang.yaml"))
     ap.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up, per measurement")
     ap.add_argument("--skip", default="", metavar="PART,...",
-                    help=f"parts to leave out, of {','.join(OPTIONAL_PARTS)} (eslora itself always runs: the "
+                    help=f"parts to leave out, of {','.join(OPTIONAL_PARTS)} (eslora fed as trained always runs: the "
                          "variants compare with it)")
     ap.add_argument("--peer-repeats", type=int, default=1,
                     help="the peer's timed generations after its one-member warm-up, per way (each is 32 "
@@ -530,11 +535,13 @@ def main() -> int:
         if target:
             Path(target).write_text(json.dumps(records, indent=1, default=str))
 
-    later: list[Callable[[], None]] = []  # the variants, once every model has its other parts
+    variants_per_model: list[list[Callable[[], None]]] = []  # run once every model has its other parts
     for name, path in models:
-        measure_model(name, path, args, save, later)
-    for variant in later:
-        variant()
+        variants_per_model.append([])
+        measure_model(name, path, args, save, variants_per_model[-1])
+    for same_variant in zip(*variants_per_model):  # each variant on every model, then the next variant
+        for variant in same_variant:
+            variant()
     for record in records:
         print(json.dumps({k: v for k, v in record.items() if not isinstance(v, dict)}, indent=1, default=str), flush=True)
     return 0 if all(record.get("p1_vs_best_plain") is not None for record in records) else 1

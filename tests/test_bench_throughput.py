@@ -220,6 +220,39 @@ def test_named_variants_run_with_their_overrides_and_skipped_parts_do_not_run(ti
     assert "p1_vs_best_plain" not in record["variants"]["triton"] and record["p1_vs_best_plain"] is None
 
 
+def test_each_variant_runs_on_every_model_before_the_next_and_one_call_can_be_skipped(tiny_model_path, tmp_path,
+                                                                                     monkeypatch):
+    """Variants run last, in what time a lease has left: the first variant on every model comes
+    before the second on any, and `--skip one_call` leaves out the default's one-call generations."""
+    import json
+    import sys
+
+    import bench.bench_throughput as bt
+
+    seen = []
+
+    def eslora_runs(cfg, model_path, prompts, members, repeats, label, one_call=True, **k):
+        seen.append((label, one_call))
+        return {**shape(5.0, 50_000), "runs": [{"load_s": 1.0}] * 3, "handoff_exposed_share": 0.02}
+
+    monkeypatch.setattr(bt, "eslora_runs", eslora_runs)
+    monkeypatch.setattr(bt, "plain_runs", lambda *a: {"shapes": {"one_call": shape(3.0, 60_000),
+                                                                 "eslora_shape": shape(4.0, 60_000)}})
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"a={tiny_model_path}", "--model",
+                                      f"b={tiny_model_path}", "--skip", "one_call,wide,peer,reference",
+                                      "--variant", "first backend.sglang.lora_backend=triton",
+                                      "--variant", "second backend.sglang.lora_backend=csgmv",
+                                      "es.population=16", "task.num_prompts=4"])
+    assert bt.main() == 0
+    assert seen == [("eslora", False), ("eslora", False), ("eslora first", False), ("eslora first", False),
+                    ("eslora second", False), ("eslora second", False)]
+    records = json.loads((tmp_path / "throughput.json").read_text())
+    assert [r["model"] for r in records] == ["a", "b"]
+    assert all(set(r["variants"]) == {"first", "second"} and "eslora_one_call" not in r for r in records)
+    assert records[0]["p1_vs_best_plain"] == pytest.approx(5.0 / 3.0)
+
+
 def test_a_variants_same_shape_is_plain_fed_as_the_variant_feeds(tiny_model_path, tmp_path, monkeypatch):
     """P1 against the same shape compares a variant with plain requests sent as the variant sends
     them: with 4 calls in flight its same shape is plain's 4 calls in flight, not the default's 2."""
@@ -289,7 +322,7 @@ def test_an_unknown_part_to_skip_is_refused_naming_the_parts(tiny_model_path, mo
     monkeypatch.setattr(sys, "argv", ["bench_throughput.py", "--model", f"tiny={tiny_model_path}", "--skip", "peer,eslora"])
     with pytest.raises(SystemExit) as exit_info:
         bt.main()
-    assert exit_info.value.code == 2 and "--skip eslora: the parts that can be left out are wide,plain,peer,reference" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--skip eslora: the parts that can be left out are one_call,wide,plain,peer,reference" in capsys.readouterr().err
 
 
 def test_a_variant_with_an_unknown_key_fails_before_any_server_starts(tiny_model_path, monkeypatch):
