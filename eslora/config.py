@@ -141,6 +141,11 @@ class SGLangConfig:
     # Adapter loads/unloads without SGLang's free-memory log queries, each of which empties the
     # CUDA cache (4 per member); also eslora's SGLang plugin.
     lean_adapter_loads: bool = False
+    # Prefill CUDA graphs with eslora's LoRA backends (dense, gathered, fused; its SGLang plugin).
+    # SGLang's LoRA prefill graphs hold 32 requests (triton's static segments), so the prefill
+    # chunks of short prompts (~60 requests each) run eager; eslora's kernels read each token's
+    # slot, so their graphs take any request count up to the captured tokens.
+    lora_prefill_graphs: bool = False
     extra_args: list[str] = field(default_factory=list)  # passed through to launch_server
     start_timeout_s: float = 600.0
     adapter_dir: str = "/dev/shm"  # RAM-backed folder for member adapters

@@ -353,6 +353,7 @@ def test_plugin_levers_serve_the_same_text(cfg, det_backend):
 
 
 PLUGIN_BACKENDS = ("dense", "gathered", "fused")
+PREFILL_GRAPHS = "+prefill_graphs"  # a label's suffix: backend.sglang.lora_prefill_graphs=true
 
 
 def _backend_run(run_cfg, label: str):
@@ -367,7 +368,9 @@ def _backend_run(run_cfg, label: str):
     try:
         backend.start()
         if label != "kernels":
-            assert backend.plugin_report["lora_backend"] == sglang_plugin.LORA_BACKEND_CLASSES[label], backend.plugin_report
+            report = backend.plugin_report
+            assert report["lora_backend"] == sglang_plugin.LORA_BACKEND_CLASSES[label.removesuffix(PREFILL_GRAPHS)], report
+            assert report["prefill_graphs"] == label.endswith(PREFILL_GRAPHS), report
         small = backend.random_adapter("small", seed=11, scale=0.05)
         opposite = Adapter("opposite", small.spec, {k: (-v if "lora_B" in k else v) for k, v in small.tensors.items()})
         names = backend._load_batch([small, opposite])
@@ -389,19 +392,21 @@ def kernels_run(cfg):
     return _backend_run(cfg, "kernels")
 
 
-@pytest.mark.parametrize("label", PLUGIN_BACKENDS)
+@pytest.mark.parametrize("label", [*PLUGIN_BACKENDS, "fused" + PREFILL_GRAPHS])
 def test_eslora_lora_backends_agree_with_sglangs_kernels(cfg, kernels_run, label):
     """backend.sglang.lora_backend=dense, =gathered and =fused (eslora's plugin backends) against SGLang's
     own kernels (the config's backend) on the same adapters: first-token logprobs of an adapter
     agree far more closely than the adapter and its opposite do, and rows still get their own
     adapter (a base row, an adapter, its opposite in one request). Runs last, when the earlier
     tests' servers are stopped (the plugin test stops det_backend); each server here is started and
-    stopped in turn."""
+    stopped in turn. `fused+prefill_graphs`: fused in prefill CUDA graphs too (the 512 requests of
+    the texts' call prefill in chunks of more requests than SGLang's own LoRA prefill graphs take)."""
     import dataclasses
 
     prompts = _prompts(8)
-    run_cfg = dataclasses.replace(cfg, backend=dataclasses.replace(
-        cfg.backend, sglang=dataclasses.replace(cfg.backend.sglang, lora_backend=label)))
+    run_cfg = dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, sglang=dataclasses.replace(
+        cfg.backend.sglang, lora_backend=label.removesuffix(PREFILL_GRAPHS),
+        lora_prefill_graphs=label.endswith(PREFILL_GRAPHS))))
     (d_small, d_base, d_opp), d_texts = _backend_run(run_cfg, label)
     (k_small, k_base, k_opp), k_texts = kernels_run
     to_kernels = max(_gap(x, y) for x, y in zip(d_small, k_small))

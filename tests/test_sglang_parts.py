@@ -51,6 +51,16 @@ def test_csgmv_chunk_size_is_passed_only_when_set_and_only_to_csgmv():
         sglang_command("backend.sglang.max_lora_chunk_size=128", "backend.sglang.lora_backend=triton")
 
 
+def test_lora_prefill_graphs_are_for_eslora_backends_with_cuda_graphs_on():
+    assert "--disable-cuda-graph" not in sglang_command("backend.sglang.lora_backend=fused",
+                                                       "backend.sglang.lora_prefill_graphs=true")
+    with pytest.raises(ValueError, match="lora_prefill_graphs=true is for eslora's LoRA backends .*lora_backend='triton'"):
+        sglang_command("backend.sglang.lora_prefill_graphs=true")
+    with pytest.raises(ValueError, match="lora_prefill_graphs=true but backend.sglang.disable_cuda_graph=true"):
+        sglang_command("backend.sglang.lora_backend=gathered", "backend.sglang.lora_prefill_graphs=true",
+                       "backend.sglang.disable_cuda_graph=true")
+
+
 @pytest.mark.parametrize("name", ["dense", "gathered", "fused"])
 def test_eslora_lora_backends_start_sglang_on_triton(name):
     # eslora's plugin puts its backend in the place of SGLang's triton backend (sglang_plugin.py)
@@ -280,9 +290,14 @@ def test_plugin_keys_without_eslora_in_the_servers_python_fail_at_start(stand_in
     assert env[sglang_plugin.LORA_BACKEND_ENV] == "gathered" and sglang_plugin.REPORT_ENV in env
     with pytest.raises(BackendError, match="^backend.sglang.lora_backend=gathered, but eslora's SGLang plugin did not run"):
         gathered.start()
+    graphs = stand_in("backend.sglang.lora_backend=fused", "backend.sglang.lora_prefill_graphs=true")
+    assert graphs._env()[sglang_plugin.PREFILL_GRAPHS_ENV] == "1"
+    with pytest.raises(BackendError, match="^backend.sglang.lora_prefill_graphs=true and backend.sglang.lora_backend=fused, "
+                                           "but eslora's SGLang plugin did not run"):
+        graphs.start()
     plain = stand_in("lora.layers=[0,1]")
     assert not {sglang_plugin.LAYERS_ENV, sglang_plugin.LEAN_LOADS_ENV, sglang_plugin.LORA_BACKEND_ENV,
-                sglang_plugin.REPORT_ENV} & set(plain._env())
+                sglang_plugin.PREFILL_GRAPHS_ENV, sglang_plugin.REPORT_ENV} & set(plain._env())
     plain.start()  # without the keys nothing is asked of the server's Python
 
 
@@ -291,15 +306,17 @@ def test_a_server_that_did_not_build_the_asked_backend_is_refused(tmp_path):
     SGLang's own triton class (the plugin ran, but its backend was not put in place) is an error,
     and so is the other plugin class; the dense class is accepted. Without a plugin backend, a
     plugin class is an error too."""
-    def checked(lora_backend: str, built: str, fused_modules: int = 0) -> SGLangBackend:
+    def checked(lora_backend: str, built: str, fused_modules: int = 0, prefill_graphs: bool = False,
+                asked_prefill_graphs: bool = False) -> SGLangBackend:
         cfg = load_config("configs/countdown_sglang.yaml", [f"backend.sglang.lora_backend={lora_backend}",
                                                            f"backend.sglang.adapter_dir={tmp_path}",
-                                                           "backend.sglang.lean_adapter_loads=true"])
+                                                           "backend.sglang.lean_adapter_loads=true",
+                                                           f"backend.sglang.lora_prefill_graphs={asked_prefill_graphs}"])
         backend = SGLangBackend(cfg.backend, "/models/m", LoraSpec.from_config(cfg.lora), cfg.model.dtype)
         backend.adapter_root.mkdir(parents=True, exist_ok=True)
         backend._plugin_report.write_text(json.dumps({"kept_layers": [0, 1], "unwrapped_modules": 0, "layers": 2,
                                                       "lean_loads": True, "lora_backend": built,
-                                                      "fused_modules": fused_modules}))
+                                                      "fused_modules": fused_modules, "prefill_graphs": prefill_graphs}))
         backend._check_plugin()
         return backend
 
@@ -320,6 +337,12 @@ def test_a_server_that_did_not_build_the_asked_backend_is_refused(tmp_path):
     with pytest.raises(BackendError, match="the LoRA backend DenseLoRABackend; the config asked .*lora_backend triton"):
         checked("triton", "DenseLoRABackend")
     assert checked("triton", "TritonLoRABackend").plugin_report["lora_backend"] == "TritonLoRABackend"
+    # prefill graphs: the server's backend class must have taken them as asked, either way
+    assert checked("fused", "FusedLoRABackend", 8, prefill_graphs=True, asked_prefill_graphs=True).plugin_report["prefill_graphs"]
+    with pytest.raises(BackendError, match="prefill graphs False and the LoRA backend FusedLoRABackend; .*lora_prefill_graphs True"):
+        checked("fused", "FusedLoRABackend", 8, prefill_graphs=False, asked_prefill_graphs=True)
+    with pytest.raises(BackendError, match="prefill graphs True and the LoRA backend GatheredLoRABackend; .*lora_prefill_graphs False"):
+        checked("gathered", "GatheredLoRABackend", prefill_graphs=True)
 
 
 def test_adapter_layers_only_refuses_adapters_the_server_would_mis_serve():

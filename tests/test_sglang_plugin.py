@@ -78,8 +78,12 @@ def test_the_hook_unwraps_and_reports_what_it_kept(tmp_path, monkeypatch):
     assert sglang_plugin._after_init_lora_modules(None, manager) is None  # AFTER hook: keep the result
     got = json.loads(report.read_text())
     assert got["kept_layers"] == [0, 1, 3] and got["unwrapped_modules"] == 4 and got["layers"] == 5
-    assert got["lora_backend"] == "TritonLoRABackend"
+    assert got["lora_backend"] == "TritonLoRABackend" and got["prefill_graphs"] is False
     assert not list(tmp_path.glob("*.tmp"))
+    # a plugin backend class built with ESLORA_SGLANG_PREFILL_GRAPHS=1 says so (the server's check reads it)
+    TritonLoRABackend.eslora_prefill_graphs = True
+    sglang_plugin._after_init_lora_modules(None, manager)
+    assert json.loads(report.read_text())["prefill_graphs"] is True
 
 
 def test_lean_loads_alone_keep_every_layer_and_say_so(tmp_path, monkeypatch):

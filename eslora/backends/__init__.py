@@ -46,6 +46,8 @@ def make_backend(
 
 def validate_config(cfg: Any) -> None:
     """The `backend` section's value rules (raises ValueError naming the key)."""
+    from eslora.backends.sglang_plugin import LORA_BACKEND_CLASSES
+
     sg, vl = cfg.sglang, cfg.vllm
     checks = [
         (cfg.name in BACKENDS, f"backend.name={cfg.name!r}: use {', '.join(BACKENDS)}"),
@@ -63,6 +65,11 @@ def validate_config(cfg: Any) -> None:
         (sg.lora_slots == 0 or sg.lora_slots >= cfg.max_loras_per_batch,
          f"backend.sglang.lora_slots={sg.lora_slots} must be 0 (= backend.max_loras_per_batch) or at least "
          f"backend.max_loras_per_batch={cfg.max_loras_per_batch}: a batch's adapters run in one server batch"),
+        (not sg.lora_prefill_graphs or sg.lora_backend in LORA_BACKEND_CLASSES,
+         f"backend.sglang.lora_prefill_graphs=true is for eslora's LoRA backends ({', '.join(LORA_BACKEND_CLASSES)}); "
+         f"backend.sglang.lora_backend={sg.lora_backend!r} is SGLang's own"),
+        (not (sg.lora_prefill_graphs and sg.disable_cuda_graph),
+         "backend.sglang.lora_prefill_graphs=true but backend.sglang.disable_cuda_graph=true turns CUDA graphs off"),
         (not (sg.cuda_graph_max_bs and sg.disable_cuda_graph),
          "backend.sglang.cuda_graph_max_bs is set but backend.sglang.disable_cuda_graph=true turns CUDA graphs off"),
         (0.0 <= sg.mem_fraction_static < 1.0, "backend.sglang.mem_fraction_static must be in [0, 1) (0 = SGLang's default)"),

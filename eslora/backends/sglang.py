@@ -157,7 +157,8 @@ class SGLangBackend(ServerBackend):
     @property
     def plugin_keys(self) -> list[str]:
         """The config keys that need eslora's SGLang plugin in the server, as set."""
-        keys = [f"backend.sglang.{key}=true" for key in ("adapter_layers_only", "lean_adapter_loads") if getattr(self.sg, key)]
+        keys = [f"backend.sglang.{key}=true" for key in ("adapter_layers_only", "lean_adapter_loads", "lora_prefill_graphs")
+                if getattr(self.sg, key)]
         plugin_backend = self.sg.lora_backend in sglang_plugin.LORA_BACKEND_CLASSES
         return keys + ([f"backend.sglang.lora_backend={self.sg.lora_backend}"] if plugin_backend else [])
 
@@ -169,6 +170,8 @@ class SGLangBackend(ServerBackend):
             env[sglang_plugin.LEAN_LOADS_ENV] = "1"
         if self.sg.lora_backend in sglang_plugin.LORA_BACKEND_CLASSES:
             env[sglang_plugin.LORA_BACKEND_ENV] = self.sg.lora_backend
+        if self.sg.lora_prefill_graphs:
+            env[sglang_plugin.PREFILL_GRAPHS_ENV] = "1"
         if self.plugin_keys:
             env[sglang_plugin.REPORT_ENV] = str(self._plugin_report)
         return env
@@ -189,12 +192,15 @@ class SGLangBackend(ServerBackend):
         built = report.get("lora_backend")
         wanted = sglang_plugin.LORA_BACKEND_CLASSES.get(self.sg.lora_backend)
         fused_nothing = self.sg.lora_backend == "fused" and not report.get("fused_modules")
+        prefill_graphs = bool(report.get("prefill_graphs"))
         if (report["kept_layers"] != expected or report["lean_loads"] != self.sg.lean_adapter_loads
-                or (built != wanted if wanted else built in plugin_classes) or fused_nothing):
+                or (built != wanted if wanted else built in plugin_classes) or fused_nothing
+                or prefill_graphs != self.sg.lora_prefill_graphs):
             raise BackendError(f"eslora's SGLang plugin kept LoRA on layers {report['kept_layers']} with lean loads "
-                               f"{report['lean_loads']} and the LoRA backend {report.get('lora_backend')}; the config "
-                               f"asked for layers {expected}, lean loads {self.sg.lean_adapter_loads}, lora_backend "
-                               f"{self.sg.lora_backend}" + (" (it fused no projection's GEMM)" if fused_nothing else ""))
+                               f"{report['lean_loads']}, prefill graphs {prefill_graphs} and the LoRA backend "
+                               f"{report.get('lora_backend')}; the config asked for layers {expected}, lean loads "
+                               f"{self.sg.lean_adapter_loads}, lora_prefill_graphs {self.sg.lora_prefill_graphs}, "
+                               f"lora_backend {self.sg.lora_backend}" + (" (it fused no projection's GEMM)" if fused_nothing else ""))
         self.plugin_report = report
 
     def _on_started(self) -> None:

@@ -18,6 +18,10 @@
   projection's GEMM over a K extended by every slot's LoRA columns (`eslora.backends.fused_lora`;
   the plugin then also gives each projection module a base GEMM that does it, `FusedLoRALinear`):
   why, and the math, there.
+- `backend.sglang.lora_prefill_graphs` (ESLORA_SGLANG_PREFILL_GRAPHS=1): those backends in
+  SGLang's prefill CUDA graphs, for any number of requests. SGLang's LoRA prefill graphs take at
+  most 32 requests (triton's static request segments); a chunk of 8,192 tokens of short prompts
+  holds about 60, so on a LoRA server those chunks run eager while a plain server replays them.
 
 It is loaded through SGLang's plugin framework (`sglang.srt.plugins`, the entry point
 `eslora` in pyproject.toml), which calls `register()` early in every SGLang process
@@ -38,6 +42,7 @@ from typing import Any, Iterable, Sequence
 LAYERS_ENV = "ESLORA_SGLANG_LORA_LAYERS"
 LEAN_LOADS_ENV = "ESLORA_SGLANG_LEAN_LOADS"
 LORA_BACKEND_ENV = "ESLORA_SGLANG_LORA_BACKEND"
+PREFILL_GRAPHS_ENV = "ESLORA_SGLANG_PREFILL_GRAPHS"
 # backend.sglang.lora_backend values the plugin serves -> the class its report then names
 LORA_BACKEND_CLASSES = {"dense": "DenseLoRABackend", "gathered": "GatheredLoRABackend", "fused": "FusedLoRABackend"}
 # the modules those backends compute LoRA for (SGLang's fused qkv / gate_up and o / down)
@@ -77,6 +82,10 @@ def _lean_loads() -> bool:
     return os.environ.get(LEAN_LOADS_ENV) == "1"
 
 
+def _prefill_graphs() -> bool:
+    return os.environ.get(PREFILL_GRAPHS_ENV) == "1"
+
+
 def _plugin_lora_backend() -> str:
     name = os.environ.get(LORA_BACKEND_ENV, "")
     if name and name not in LORA_BACKEND_CLASSES:
@@ -93,19 +102,26 @@ def plugin_backend_class(name: str) -> type:
     Prefill and decode alike: each forward's per-token slots (and the tables the math reads) are
     computed once in `prepare_lora_batch` (outside any CUDA graph; under a decode graph into
     static buffers the captured kernels read) and shared by every LoRA module of every layer. The
-    lm_head's pruned LoRA and the embedding's stay triton's; prefill CUDA graphs are declined
-    (their static metadata is triton's segments)."""
+    lm_head's pruned LoRA and the embedding's stay triton's. Prefill CUDA graphs, if asked for
+    (ESLORA_SGLANG_PREFILL_GRAPHS): each token's slot goes into a static buffer of the largest
+    captured token count, so a graph takes any number of requests (triton's own prefill metadata,
+    32 request segments, is not used by these kernels)."""
     import torch
     from sglang.srt.lora.backend.triton_backend import TritonLoRABackend
 
     class ProjectionLoRABackend(TritonLoRABackend):
         name = "triton"  # what SGLang was told; the report names the class
-        supports_prefill_cuda_graph = False
+        supports_prefill_cuda_graph = _prefill_graphs()
+        eslora_prefill_graphs = supports_prefill_cuda_graph  # for the plugin's report
 
         def __init__(self, max_loras_per_batch: int, device: Any, **kwargs: Any) -> None:
             super().__init__(max_loras_per_batch, device, **kwargs)
             self._graph_tokens_per_req = 1
             self._graph_token_slots: Any = None  # static, when a graph's request holds several tokens
+            # each graph kind's static tables: decode and prefill graphs are captured at different
+            # times, so each keeps the buffers its kernels were captured reading
+            self._graph_tables: dict[str, Any] = {}
+            self._prefill_token_slots: Any = None
 
         def init_cuda_graph_batch_info(self, max_bs_in_cuda_graph: int, num_tokens_per_req: int) -> None:
             super().init_cuda_graph_batch_info(max_bs_in_cuda_graph, num_tokens_per_req)
@@ -113,29 +129,44 @@ def plugin_backend_class(name: str) -> type:
             max_tokens = max_bs_in_cuda_graph * num_tokens_per_req
             if num_tokens_per_req > 1:
                 self._graph_token_slots = torch.zeros(max_tokens, dtype=torch.int32, device="cuda")
-            self.init_graph_tables(max_tokens)
+            self._graph_tables["decode"] = self.init_graph_tables(max_tokens)
 
-        def init_graph_tables(self, max_tokens: int) -> None:
-            """Allocate the static buffers `prepare_tables` writes under CUDA graphs."""
+        def init_prefill_cuda_graph_batch_info(self, max_num_tokens: int) -> None:
+            super().init_prefill_cuda_graph_batch_info(max_num_tokens)
+            self.prefill_cuda_graph_max_bs = max_num_tokens  # a request holds >= 1 token: any count fits
+            self._prefill_token_slots = torch.zeros(max_num_tokens, dtype=torch.int32, device="cuda")
+            self._graph_tables["prefill"] = self.init_graph_tables(max_num_tokens)
 
-        def prepare_tables(self, token_slots: Any, use_cuda_graph: bool) -> None:
-            """This forward's tables from each token's slot (`token_slots`, static under graphs)."""
+        def init_graph_tables(self, max_tokens: int) -> Any:
+            """The static buffers `prepare_tables` writes under a CUDA graph of up to `max_tokens`."""
+
+        def prepare_tables(self, token_slots: Any, graph_tables: Any) -> None:
+            """This forward's tables from each token's slot (`token_slots`, static under graphs),
+            written into `graph_tables` (a graph's static buffers) unless it is None (eager)."""
             raise NotImplementedError
 
         def prepare_lora_batch(self, forward_batch: Any, weight_indices: list[int], lora_ranks: list[int],
                                scalings: list[float], use_cuda_graph: bool, use_prefill_cuda_graph: bool = False) -> None:
-            super().prepare_lora_batch(forward_batch, weight_indices, lora_ranks, scalings, use_cuda_graph,
-                                       use_prefill_cuda_graph)
+            # triton's prefill-graph metadata (32 request segments) is not what these kernels read:
+            # its eager batch info serves the lm_head and embedding paths, which no graph captures here
+            super().prepare_lora_batch(forward_batch, weight_indices, lora_ranks, scalings, use_cuda_graph)
             info, bs = self.batch_info, forward_batch.batch_size
             slots = info.weight_indices[:bs]  # under graphs a view of triton's static buffer
+            graph = "decode" if use_cuda_graph else "prefill" if use_prefill_cuda_graph else None
             if use_cuda_graph and self._graph_tokens_per_req > 1:
                 tokens = bs * self._graph_tokens_per_req
                 self._graph_token_slots[:tokens].copy_(slots.repeat_interleave(self._graph_tokens_per_req))
                 slots = self._graph_token_slots[:tokens]
             elif not use_cuda_graph and forward_batch.forward_mode.is_extend():
-                slots = torch.repeat_interleave(slots, info.seg_lens[:bs].long(),
-                                                output_size=int(sum(forward_batch.extend_seq_lens_cpu)))
-            self.prepare_tables(slots, use_cuda_graph)
+                tokens = int(sum(forward_batch.extend_seq_lens_cpu))
+                slots = torch.repeat_interleave(slots, info.seg_lens[:bs].long(), output_size=tokens)
+                if use_prefill_cuda_graph:
+                    # the graph runs the padded token count: rows past this batch's read slot 0, and
+                    # their outputs are dropped
+                    self._prefill_token_slots[:tokens].copy_(slots)
+                    self._prefill_token_slots[tokens:].zero_()
+                    slots = self._prefill_token_slots[:tokens]
+            self.prepare_tables(slots, self._graph_tables.get(graph) if graph else None)
 
         def compute_sgemm_routing(self, use_cuda_graph: bool) -> None:
             # triton's per-decode sort of tokens by adapter (argsort, searchsorted, copies) feeds only
@@ -176,16 +207,14 @@ def plugin_backend_class(name: str) -> type:
 
         class DenseLoRABackend(ProjectionLoRABackend):
             coefficients: Any = None  # (tokens, slots) float32 of the prepared forward
-            _graph_coefficients: Any = None
 
-            def init_graph_tables(self, max_tokens: int) -> None:
-                self._graph_coefficients = torch.zeros(max_tokens, self.max_loras_per_batch, dtype=torch.float32,
-                                                       device="cuda")
+            def init_graph_tables(self, max_tokens: int) -> Any:
+                return torch.zeros(max_tokens, self.max_loras_per_batch, dtype=torch.float32, device="cuda")
 
-            def prepare_tables(self, token_slots: Any, use_cuda_graph: bool) -> None:
+            def prepare_tables(self, token_slots: Any, graph_tables: Any) -> None:
                 info = self.batch_info
-                self.coefficients = dense_lora.slot_coefficients(
-                    token_slots, info.scalings, info.lora_ranks, out=self._graph_coefficients if use_cuda_graph else None)
+                self.coefficients = dense_lora.slot_coefficients(token_slots, info.scalings, info.lora_ranks,
+                                                                 out=graph_tables)
 
             def shrink(self, x: Any, weights: Any) -> Any:
                 return dense_lora.shrink(x, weights, self.coefficients)
@@ -200,16 +229,15 @@ def plugin_backend_class(name: str) -> type:
         class GatheredLoRABackend(ProjectionLoRABackend):
             token_slots: Any = None  # (tokens,) of the prepared forward
             scales: Any = None  # (slots,) float32: each slot's scaling, 0 without an adapter
-            _graph_scales: Any = None
 
-            def init_graph_tables(self, max_tokens: int) -> None:
-                self._graph_scales = torch.zeros(self.max_loras_per_batch, dtype=torch.float32, device="cuda")
+            def init_graph_tables(self, max_tokens: int) -> Any:
+                return torch.zeros(self.max_loras_per_batch, dtype=torch.float32, device="cuda")
 
-            def prepare_tables(self, token_slots: Any, use_cuda_graph: bool) -> None:
+            def prepare_tables(self, token_slots: Any, graph_tables: Any) -> None:
                 info = self.batch_info
                 self.token_slots = token_slots
                 self.scales = gathered_lora.slot_scales(info.scalings[: self.max_loras_per_batch], info.lora_ranks,
-                                                        out=self._graph_scales if use_cuda_graph else None)
+                                                        out=graph_tables)
 
             def shrink(self, x: Any, weights: Any) -> Any:
                 return gathered_lora.shrink(x, weights, self.token_slots, self.scales)
@@ -334,7 +362,9 @@ def _after_init_lora_modules(result: Any, manager: Any, *args: Any, **kwargs: An
         with open(tmp, "w") as f:
             json.dump({"kept_layers": kept, "unwrapped_modules": unwrapped, "layers": len(manager.lora_modules),
                        "lean_loads": _lean_loads(), "lora_backend": type(getattr(manager, "lora_backend", None)).__name__,
-                       "fused_modules": fused, "pid": os.getpid()}, f)
+                       "fused_modules": fused,
+                       "prefill_graphs": bool(getattr(getattr(manager, "lora_backend", None), "eslora_prefill_graphs", False)),
+                       "pid": os.getpid()}, f)
         os.replace(tmp, report)
 
 
@@ -352,7 +382,7 @@ def register() -> None:
     """SGLang's general-plugin entry point: hook LoRAManager as the backend asked, if it did."""
     lora_backend = _plugin_lora_backend()
     if not (os.environ.get(LAYERS_ENV) or _lean_loads() or lora_backend):
-        return
+        return  # (prefill graphs come with a plugin backend: the config allows them with one only)
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     if lora_backend:
