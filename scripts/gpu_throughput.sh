@@ -12,7 +12,7 @@
 # every call); throughput.json is rewritten after every timed run of every part (a part that fails
 # is recorded with its error and the next one runs), so `wait` always hands back what was measured,
 # with the servers' logs as server_logs.tar.gz. Without /tmp/model05, the 1.5B only, e.g. a lease
-# for levers: start --skip wide,peer,reference --variant 'fused backend.sglang.lora_backend=fused'.
+# for levers: start --skip one_call,wide,peer,reference --variant 'fused backend.sglang.lora_backend=fused'.
 set -uo pipefail
 source scripts/gpu_env.sh
 action=${1:?usage: gpu_throughput.sh model05 | start [args] | wait SECONDS}; shift
