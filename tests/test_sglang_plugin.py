@@ -72,7 +72,7 @@ def test_the_hook_unwraps_and_reports_what_it_kept(tmp_path, monkeypatch):
     monkeypatch.setenv(sglang_plugin.LAYERS_ENV, sglang_plugin.format_layers([3, 0, 1, 9]))  # 9: past the model
     monkeypatch.setenv(sglang_plugin.REPORT_ENV, str(report))
     class TritonLoRABackend:  # what the report names: the class SGLang built
-        pass
+        supports_prefill_cuda_graph = True  # as SGLang's own: not eslora's prefill graphs
 
     manager = SimpleNamespace(base_model=model, lora_modules=table, lora_backend=TritonLoRABackend())  # LoRAManager's attributes it reads
     assert sglang_plugin._after_init_lora_modules(None, manager) is None  # AFTER hook: keep the result
@@ -80,10 +80,17 @@ def test_the_hook_unwraps_and_reports_what_it_kept(tmp_path, monkeypatch):
     assert got["kept_layers"] == [0, 1, 3] and got["unwrapped_modules"] == 4 and got["layers"] == 5
     assert got["lora_backend"] == "TritonLoRABackend" and got["prefill_graphs"] is False
     assert not list(tmp_path.glob("*.tmp"))
-    # a plugin backend class built with ESLORA_SGLANG_PREFILL_GRAPHS=1 says so (the server's check reads it)
-    TritonLoRABackend.eslora_prefill_graphs = True
+    # an eslora backend class built with ESLORA_SGLANG_PREFILL_GRAPHS=1 says so (the server's check reads it)
+    class FusedLoRABackend:
+        supports_prefill_cuda_graph = True
+
+    manager.lora_backend = FusedLoRABackend()
     sglang_plugin._after_init_lora_modules(None, manager)
-    assert json.loads(report.read_text())["prefill_graphs"] is True
+    got = json.loads(report.read_text())
+    assert got["lora_backend"] == "FusedLoRABackend" and got["prefill_graphs"] is True
+    FusedLoRABackend.supports_prefill_cuda_graph = False
+    sglang_plugin._after_init_lora_modules(None, manager)
+    assert json.loads(report.read_text())["prefill_graphs"] is False
 
 
 def test_lean_loads_alone_keep_every_layer_and_say_so(tmp_path, monkeypatch):

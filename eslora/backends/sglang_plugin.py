@@ -112,7 +112,6 @@ def plugin_backend_class(name: str) -> type:
     class ProjectionLoRABackend(TritonLoRABackend):
         name = "triton"  # what SGLang was told; the report names the class
         supports_prefill_cuda_graph = _prefill_graphs()
-        eslora_prefill_graphs = supports_prefill_cuda_graph  # for the plugin's report
 
         def __init__(self, max_loras_per_batch: int, device: Any, **kwargs: Any) -> None:
             super().__init__(max_loras_per_batch, device, **kwargs)
@@ -166,7 +165,7 @@ def plugin_backend_class(name: str) -> type:
                     self._prefill_token_slots[:tokens].copy_(slots)
                     self._prefill_token_slots[tokens:].zero_()
                     slots = self._prefill_token_slots[:tokens]
-            self.prepare_tables(slots, self._graph_tables.get(graph) if graph else None)
+            self.prepare_tables(slots, self._graph_tables.get(graph))
 
         def compute_sgemm_routing(self, use_cuda_graph: bool) -> None:
             # triton's per-decode sort of tokens by adapter (argsort, searchsorted, copies) feeds only
@@ -356,15 +355,18 @@ def _after_init_lora_modules(result: Any, manager: Any, *args: Any, **kwargs: An
     unwrapped = unwrap_outside(manager.base_model, manager.lora_modules, keep)
     fused = fuse_projections(manager) if _plugin_lora_backend() == "fused" else 0
     kept = sorted(i for i, modules in enumerate(manager.lora_modules) if modules)
+    backend = getattr(manager, "lora_backend", None)
+    # SGLang's own triton class takes prefill graphs too (for batches of <= 32 requests): only an
+    # eslora class that takes them counts as this plugin's prefill graphs
+    prefill_graphs = (type(backend).__name__ in LORA_BACKEND_CLASSES.values()
+                      and bool(getattr(backend, "supports_prefill_cuda_graph", False)))
     report = os.environ.get(REPORT_ENV)
     if report:
         tmp = f"{report}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump({"kept_layers": kept, "unwrapped_modules": unwrapped, "layers": len(manager.lora_modules),
-                       "lean_loads": _lean_loads(), "lora_backend": type(getattr(manager, "lora_backend", None)).__name__,
-                       "fused_modules": fused,
-                       "prefill_graphs": bool(getattr(getattr(manager, "lora_backend", None), "eslora_prefill_graphs", False)),
-                       "pid": os.getpid()}, f)
+                       "lean_loads": _lean_loads(), "lora_backend": type(backend).__name__,
+                       "fused_modules": fused, "prefill_graphs": prefill_graphs, "pid": os.getpid()}, f)
         os.replace(tmp, report)
 
 
