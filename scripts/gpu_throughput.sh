@@ -6,8 +6,8 @@
 #   bash scripts/gpu_throughput.sh start [harness args ...]
 #   bash scripts/gpu_throughput.sh wait SECONDS       # poll, then hand back what is written so far
 #
-# `model05` converts the 0.5B next to the kit's /tmp/model (the 1.5B) with the kit's own
-# setup_on_gpu.sh (GGUF -> bf16 HF folder and its config fixes), then moves it to /tmp/model05.
+# `model05` converts the 0.5B to /tmp/model05, next to the kit's /tmp/model (the 1.5B), with the
+# kit's own setup_on_gpu.sh steps (GGUF -> bf16 HF folder and its config fixes) pointed there.
 # `start` copies the tree to /tmp/proj and runs there under setsid (a carried path is replaced on
 # every call); throughput.json is rewritten after every timed run of every part (a part that fails
 # is recorded with its error and the next one runs), so `wait` always hands back what was measured,
@@ -25,8 +25,10 @@ case "$action" in
     [ -f /tmp/p/setup_on_gpu.sh ] || { echo "run scripts/gpu_setup.sh first (the kit's /tmp/p)"; exit 1; }
     mkdir -p /tmp/p/m && cat /tmp/stage05/gguf* > /tmp/p/m/model.gguf || exit 1
     echo "0.5B GGUF sha256 $(sha256sum /tmp/p/m/model.gguf | cut -c1-16)"
-    mv /tmp/model /tmp/model15 && bash /tmp/p/setup_on_gpu.sh | tail -n 2
-    mv /tmp/model /tmp/model05 && mv /tmp/model15 /tmp/model && rm -rf /tmp/stage05 /tmp/p/m/model.gguf
+    # the kit's conversion steps with /tmp/model05 as their output (its installs already ran):
+    # /tmp/model stays in place, so a server or test using it meanwhile is not disturbed
+    sed -e 's#/tmp/model\b#/tmp/model05#g' -e '/pip install/d' /tmp/p/setup_on_gpu.sh > /tmp/p/convert05.sh
+    bash /tmp/p/convert05.sh | tail -n 2 && rm -rf /tmp/stage05 /tmp/p/m/model.gguf
     ls /tmp/model05 | head -n 3
     ;;
   start)
