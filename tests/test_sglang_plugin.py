@@ -1,6 +1,6 @@
 """eslora's SGLang plugin (backend.sglang.adapter_layers_only, lean_adapter_loads) on CPU: the
-unwrapping on a torch model built the way SGLang's LoRA manager leaves it, the report, and the
-entry point SGLang's plugin loader finds. The hook inside a real SGLang server is tested on the GPU
+unwrapping on a torch model built the way SGLang's LoRA manager leaves it, the report, the
+entry point SGLang's plugin loader finds, and the per-token slots eslora's LoRA backends read. The hook inside a real SGLang server is tested on the GPU
 (tests/test_sglang_gpu.py::test_plugin_levers_serve_the_same_text)."""
 
 from __future__ import annotations
@@ -137,3 +137,23 @@ def test_an_unknown_lora_backend_in_the_variable_fails_in_the_server(monkeypatch
     monkeypatch.setenv(sglang_plugin.LORA_BACKEND_ENV, "gatherd")
     with pytest.raises(ValueError, match="ESLORA_SGLANG_LORA_BACKEND='gatherd': use one of dense, gathered"):
         sglang_plugin.register()
+
+
+def test_token_slots_repeat_each_requests_slot_and_pad_a_graphs_buffer_with_slot_0():
+    """What the plugin's backends read as each token's adapter slot (prepare_lora_batch): eager, a
+    prefill's requests of 3, 1 and 2 tokens; in a graph's static buffer, the same slots in its
+    first rows (the very buffer the captured kernels read) and slot 0 in the padding rows, whatever
+    an earlier, longer batch left there; a decode graph's requests of 2 tokens each."""
+    request_slots = torch.tensor([2, 0, 5], dtype=torch.int32)
+    lengths = torch.tensor([3, 1, 2])
+    eager = sglang_plugin.token_slots(request_slots, lengths, 6)
+    assert eager.tolist() == [2, 2, 2, 0, 5, 5]
+
+    static = torch.full((10,), 7, dtype=torch.int32)  # an earlier batch's slots
+    in_graph = sglang_plugin.token_slots(request_slots, lengths, 6, static)
+    assert in_graph.tolist() == [2, 2, 2, 0, 5, 5]
+    assert in_graph.data_ptr() == static.data_ptr()
+    assert static.tolist() == [2, 2, 2, 0, 5, 5, 0, 0, 0, 0]
+
+    decode = sglang_plugin.token_slots(request_slots, 2, 6, torch.full((8,), 7, dtype=torch.int32))
+    assert decode.tolist() == [2, 2, 0, 0, 5, 5]

@@ -93,6 +93,20 @@ def _plugin_lora_backend() -> str:
     return name
 
 
+def token_slots(request_slots: Any, tokens_per_request: Any, tokens: int, static: Any = None) -> Any:
+    """Each token's adapter slot, from its request's (`request_slots`) and the request's token count
+    (an int or a tensor of one per request; `tokens` their sum). With `static` (a CUDA graph's
+    buffer, at least `tokens` long) the slots go into its first rows and the result is that view;
+    the rows after them are zeroed: a graph runs a padded token count, and its padding rows read
+    slot 0 (their outputs are dropped)."""
+    slots = request_slots.repeat_interleave(tokens_per_request, output_size=tokens)
+    if static is None:
+        return slots
+    static[:tokens].copy_(slots)
+    static[tokens:].zero_()
+    return static[:tokens]
+
+
 def plugin_backend_class(name: str) -> type:
     """SGLang's TritonLoRABackend with the projection modules' LoRA computed by eslora: `dense`
     (every slot's weights through cuBLAS, eslora.backends.dense_lora), `gathered` (each token's own
@@ -153,18 +167,11 @@ def plugin_backend_class(name: str) -> type:
             slots = info.weight_indices[:bs]  # under graphs a view of triton's static buffer
             graph = "decode" if use_cuda_graph else "prefill" if use_prefill_cuda_graph else None
             if use_cuda_graph and self._graph_tokens_per_req > 1:
-                tokens = bs * self._graph_tokens_per_req
-                self._graph_token_slots[:tokens].copy_(slots.repeat_interleave(self._graph_tokens_per_req))
-                slots = self._graph_token_slots[:tokens]
+                slots = token_slots(slots, self._graph_tokens_per_req, bs * self._graph_tokens_per_req,
+                                    self._graph_token_slots)
             elif not use_cuda_graph and forward_batch.forward_mode.is_extend():
-                tokens = int(sum(forward_batch.extend_seq_lens_cpu))
-                slots = torch.repeat_interleave(slots, info.seg_lens[:bs].long(), output_size=tokens)
-                if use_prefill_cuda_graph:
-                    # the graph runs the padded token count: rows past this batch's read slot 0, and
-                    # their outputs are dropped
-                    self._prefill_token_slots[:tokens].copy_(slots)
-                    self._prefill_token_slots[tokens:].zero_()
-                    slots = self._prefill_token_slots[:tokens]
+                slots = token_slots(slots, info.seg_lens[:bs].long(), int(sum(forward_batch.extend_seq_lens_cpu)),
+                                    self._prefill_token_slots if use_prefill_cuda_graph else None)
             self.prepare_tables(slots, self._graph_tables.get(graph))
 
         def compute_sgemm_routing(self, use_cuda_graph: bool) -> None:
