@@ -94,11 +94,9 @@ def _plugin_lora_backend() -> str:
 
 
 def token_slots(request_slots: Any, tokens_per_request: Any, tokens: int, static: Any = None) -> Any:
-    """Each token's adapter slot, from its request's (`request_slots`) and the request's token count
-    (an int or a tensor of one per request; `tokens` their sum). With `static` (a CUDA graph's
-    buffer, at least `tokens` long) the slots go into its first rows and the result is that view;
-    the rows after them are zeroed: a graph runs a padded token count, and its padding rows read
-    slot 0 (their outputs are dropped)."""
+    """Each token's adapter slot from its request's and each request's token count (`tokens`: the
+    sum). With `static` (a CUDA graph's buffer) the result is a view of its first rows and the rest
+    is zeroed: a graph runs a padded token count, whose padding rows read slot 0 (outputs dropped)."""
     slots = request_slots.repeat_interleave(tokens_per_request, output_size=tokens)
     if static is None:
         return slots
