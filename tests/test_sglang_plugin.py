@@ -1,6 +1,7 @@
 """eslora's SGLang plugin (backend.sglang.adapter_layers_only, lean_adapter_loads) on CPU: the
-unwrapping on a torch model built the way SGLang's LoRA manager leaves it, the report, the
-entry point SGLang's plugin loader finds, and the per-token slots eslora's LoRA backends read. The hook inside a real SGLang server is tested on the GPU
+unwrapping on a torch model built the way SGLang's LoRA manager leaves it, the report, the entry
+point SGLang's plugin loader finds, and the per-token slots eslora's LoRA backends read. The hook
+inside a real SGLang server is tested on the GPU
 (tests/test_sglang_gpu.py::test_plugin_levers_serve_the_same_text)."""
 
 from __future__ import annotations
