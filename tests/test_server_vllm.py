@@ -42,6 +42,16 @@ def random_adapter(shapes, spec, seed, scale=0.5, name=None) -> Adapter:
     return Adapter(name=name or f"a{seed}", spec=spec, tensors=tensors)
 
 
+def requests_running(url: str) -> float:
+    """vLLM's `vllm:num_requests_running` gauge, summed over its label sets (0 if unreadable)."""
+    try:
+        body = requests.get(url + "/metrics", timeout=5).text
+    except requests.RequestException:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
 def texts(rows):
     return [[c.text for c in row] for row in rows]
 
@@ -275,25 +285,32 @@ def test_server_killed_mid_batch_is_restarted_and_batch_rerun(setup):
     """Runs last: it uses the module's one restart and ends with the server dead."""
     cfg, spec, shapes, backend = setup
     adapters = [random_adapter(shapes, spec, s) for s in range(41, 41 + PER_BATCH)]
-    sampling = Sampling(max_new_tokens=48)
+    # 128 tokens: about 2 s of decoding on the CPU server, a wide window for the kill below.
+    sampling = Sampling(max_new_tokens=128)
     ref = backend.generate(PROMPTS, adapters, sampling)
     old_pid = backend.server.process.pid
     loads = backend.loaded_count
-    killed = threading.Event()
+    running_at_kill: list[float] = []
 
-    def kill_after_loads():
-        # Adapters loaded, completions in flight: SIGKILL the whole server process group.
+    def kill_while_running():
+        # SIGKILL the whole server process group once the adapters are loaded AND the server
+        # reports completions running (its Prometheus gauge): killing on the loads alone let the
+        # batch finish first when this thread was scheduled late (a CI failure).
         deadline = time.monotonic() + 120
-        while backend.loaded_count < loads + len(adapters) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        backend.server.kill()
-        killed.set()
+        while time.monotonic() < deadline:
+            if backend.loaded_count >= loads + len(adapters):
+                running = requests_running(backend.server.url)
+                if running > 0:
+                    backend.server.kill()
+                    running_at_kill.append(running)
+                    return
+            time.sleep(0.005)
 
-    killer = threading.Thread(target=kill_after_loads, daemon=True)
+    killer = threading.Thread(target=kill_while_running, daemon=True)
     killer.start()
     got = backend.generate(PROMPTS, adapters, sampling)
     killer.join(timeout=10)
-    assert killed.is_set()
+    assert running_at_kill, "the server was never seen running the batch's completions"
     assert backend.restarts == 1 and backend.server.process.pid != old_pid and backend.healthy()
     assert backend.stats["restarts"] == 1  # what the worker logs for this call
     assert backend.stats["server_start_s"] > 0, "the restart's start is reported by the call it served"
